@@ -1,0 +1,119 @@
+"""Build: weights + config -> one trace -> a target's files -> a whole, self-describing artifact."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exporter.artifact import staged
+from exporter.checkpoint import DTYPES, TOKENIZER_FILES, WeightSource, open_source
+from exporter.config import MistralConfig
+from exporter.contract import io_to_dict
+from exporter.errors import TargetUnavailable, UserError
+from exporter.manifest import tool_versions, write_manifest
+from exporter.trace import TracedProgram, TraceSpec, traced
+from targets import registry
+from targets.base import LowerInput, Progress, Target, check_supported, parse_options
+
+ARTIFACTS_ROOT = Path("artifacts")
+# Runs after lowering, inside the staging folder; returns the manifest's validation summary.
+Validator = Callable[[Path, dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """One build, as the CLI or a pipeline asks for it."""
+
+    target: str
+    checkpoint: Path | None = None
+    preset: str | None = None
+    precision: str = "fp32"
+    device: str = "cpu"
+    max_context: int = 2048
+    out: Path | None = None
+    force: bool = False
+    options: dict[str, str] = field(default_factory=dict)
+    use_cache: bool = True
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    manifest: dict[str, Any]
+    trace: TracedProgram
+
+
+def capacity_for(cfg: MistralConfig, max_context: int) -> int:
+    """Cache capacity: the sliding window when there is one (a ring buffer), else --max-context."""
+    if max_context < 2:
+        raise UserError(f"--max-context must be at least 2, got {max_context}")
+    return cfg.sliding_window or max_context
+
+
+def trace_dtype(precision: str) -> str:
+    """Float precisions trace in their own dtype; quantized ones trace fp32 and quantize weights."""
+    return precision if precision in DTYPES else "fp32"
+
+
+def resolve_target(req: BuildRequest) -> tuple[Target, Any]:
+    """The target and its options, checked before any work starts."""
+    target = registry.get(req.target)
+    reason = target.check_available()
+    if reason:
+        raise TargetUnavailable(f"target '{target.name}' is not available here: {reason}")
+    options = parse_options(target.options_type, req.options)
+    check_supported(target, req.device, req.precision, getattr(target, "support_table", None))
+    return target, options
+
+
+def copy_tokenizer(source: WeightSource, stage: Path) -> bool:
+    if source.tokenizer_dir is None:
+        return False
+    dest = stage / "tokenizer"
+    dest.mkdir()
+    for name in TOKENIZER_FILES:
+        if (source.tokenizer_dir / name).is_file():
+            shutil.copy2(source.tokenizer_dir / name, dest / name)
+    return True
+
+
+def build(req: BuildRequest, progress: Progress | None = None, validator: Validator | None = None,
+          prepared: tuple[WeightSource, TracedProgram] | None = None) -> BuildResult:
+    """Build one artifact at req.out (or the default path), whole or not at all."""
+    progress = progress or (lambda message, fraction: None)
+    target, options = resolve_target(req)
+    source = prepared[0] if prepared else open_source(req.checkpoint, req.preset)
+    capacity = capacity_for(source.config, req.max_context)
+    progress("tracing", 0.0)
+    trace = prepared[1] if prepared else traced(
+        TraceSpec(source.config, capacity, DTYPES[trace_dtype(req.precision)]), req.use_cache)
+    out = req.out or ARTIFACTS_ROOT / f"{source.name}-{target.name}-{req.precision}"
+    with staged(out, req.force) as stage:
+        start = time.perf_counter()
+        lowered = target.lower(LowerInput(trace.program, source.config, capacity, req.precision, source,
+                                          req.device, options, progress), stage)
+        has_tokenizer = copy_tokenizer(source, stage)
+        manifest = {
+            "model": {"name": source.name, "source": source.fingerprint(), "config": source.config.to_dict(),
+                      "checkpoint_files": [r.to_dict() for r in source.file_records()],
+                      "tokenizer": "tokenizer" if has_tokenizer else None},
+            "tool": tool_versions(getattr(target, "runtime_packages", ())),
+            "target": {"name": target.name, "device": req.device, "precision": req.precision,
+                       "options": dataclasses.asdict(options), **lowered.extra},
+            "io": io_to_dict(lowered.io),
+            "cache": lowered.cache.to_dict(),
+            "trace": {"key": trace.spec.key(), "dtype": str(trace.spec.dtype).removeprefix("torch."),
+                      "seconds": round(trace.seconds, 3), "cache_hit": trace.cache_hit},
+            "lower_seconds": round(time.perf_counter() - start, 3),
+            "validation": {"status": "not-run"},
+        }
+        manifest = write_manifest(stage, manifest)
+        if validator is not None:
+            manifest["validation"] = validator(stage, manifest)
+            manifest = write_manifest(stage, manifest)
+    return BuildResult(out, manifest, trace)

@@ -1,0 +1,188 @@
+"""Weight sources: a local Hugging Face folder (memory-mapped safetensors) or a seeded preset.
+
+Both hand out one tensor at a time, so a target can stream weights into its own format without
+ever holding the whole model twice. Nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from exporter.config import MistralConfig, load_config, preset
+from exporter.errors import CheckpointError
+from exporter.model import MistralModel
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "added_tokens.json", "chat_template.jinja")
+# Old checkpoints carry RoPE's inverse frequencies as a buffer; we recompute them.
+_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def expected_shapes(cfg: MistralConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of the canonical model, from a meta-device instance."""
+    with torch.device("meta"):
+        model = MistralModel(cfg)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    if cfg.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A checkpoint file with its size and sha256, as the manifest records it."""
+
+    path: str
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"path": self.path, "bytes": self.bytes, "sha256": self.sha256}
+
+
+class WeightSource:
+    """Config plus a name -> tensor lookup; subclasses say where tensors come from."""
+
+    name: str
+    config: MistralConfig
+    tokenizer_dir: Path | None = None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return expected_shapes(self.config)
+
+    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.shapes():
+            yield name, self.tensor(name, dtype)
+
+    def file_records(self) -> list[FileRecord]:
+        return []
+
+    def fingerprint(self) -> str:
+        """Content identity: hashes of the files, or the preset name and seed."""
+        return hashlib.sha256(json.dumps([r.to_dict() for r in self.file_records()]).encode()).hexdigest()
+
+
+class PresetWeights(WeightSource):
+    """Seeded random weights of a named preset; each tensor is generated on its own from its name."""
+
+    def __init__(self, name: str, seed: int = 0) -> None:
+        self.name = name
+        self.config = preset(name)
+        self.seed = seed
+
+    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        shape = self.shapes()[name]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        if name.endswith("norm.weight"):
+            # Not all ones, so a norm weight that is dropped or misapplied shows in parity.
+            values = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            values = 0.02 * torch.randn(shape, generator=gen)
+        return values.to(dtype)
+
+    def fingerprint(self) -> str:
+        return f"preset:{self.name}:seed{self.seed}"
+
+
+class CheckpointFolder(WeightSource):
+    """A local Hugging Face folder: config.json, model.safetensors or a sharded index, tokenizer files."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"checkpoint folder {self.folder} does not exist")
+        self.name = self.folder.resolve().name
+        self.config = load_config(self.folder)
+        self._where = self._index()
+        self._check_keys()
+        has_tokenizer = any((self.folder / f).is_file() for f in TOKENIZER_FILES[:2])
+        self.tokenizer_dir = self.folder if has_tokenizer else None
+        self._records: list[FileRecord] | None = None
+
+    def _index(self) -> dict[str, Path]:
+        """Tensor name -> shard file, from the sharded index or the single file."""
+        index = self.folder / "model.safetensors.index.json"
+        single = self.folder / "model.safetensors"
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            shards = {s: self.folder / s for s in set(weight_map.values())}
+            missing = sorted(s for s, p in shards.items() if not p.is_file())
+            if missing:
+                raise CheckpointError(f"{index.name} names shards that are missing from {self.folder}: "
+                                      f"{missing}. Copy the whole checkpoint folder.")
+            return {name: shards[shard] for name, shard in weight_map.items()}
+        if single.is_file():
+            with safe_open(single, framework="pt") as fh:
+                return {name: single for name in fh.keys()}
+        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {self.folder}; "
+                              "only safetensors checkpoints are read (convert .bin files with safetensors first)")
+
+    def _check_keys(self) -> None:
+        expected = self.shapes()
+        optional = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+        found: dict[str, tuple[int, ...]] = {}
+        dtypes: dict[str, str] = {}
+        for shard in sorted(set(self._where.values())):
+            with safe_open(shard, framework="pt") as fh:
+                for name in fh.keys():
+                    part = fh.get_slice(name)
+                    found[name] = tuple(part.get_shape())
+                    dtypes[name] = part.get_dtype()
+        problems = []
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(n for n in set(found) - set(expected) - optional
+                            if not n.endswith(_IGNORABLE_SUFFIXES))
+        wrong = sorted(f"{n}: file {found[n]}, config expects {expected[n]}"
+                       for n in set(found) & set(expected) if found[n] != expected[n])
+        not_float = sorted(f"{n}: {dtypes[n]}" for n in expected if n in dtypes
+                           and dtypes[n] not in ("F32", "F16", "BF16"))
+        for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                             ("wrong-shape tensors", wrong), ("non-float tensors", not_float)):
+            if items:
+                shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
+                problems.append(f"  {label} ({len(items)}):\n    {shown}")
+        if problems:
+            raise CheckpointError(f"checkpoint {self.folder} does not match its config.json:\n" + "\n".join(problems)
+                                  + "\nCheck that config.json belongs to these weights and that no shard is stale.")
+        self._has = found
+
+    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        with safe_open(self._where[name], framework="pt") as fh:
+            return fh.get_tensor(name).to(dtype)
+
+    def file_records(self) -> list[FileRecord]:
+        if self._records is None:
+            files = sorted({p for p in self._where.values()}
+                           | {p for p in self.folder.iterdir() if p.name == "config.json"
+                              or p.name == "model.safetensors.index.json" or p.name in TOKENIZER_FILES})
+            self._records = [FileRecord(p.name, p.stat().st_size, sha256_file(p)) for p in files]
+        return self._records
+
+
+def open_source(checkpoint: Path | None, preset_name: str | None) -> WeightSource:
+    """The weight source the user named: a folder wins over a preset; the default is the tiny preset."""
+    if checkpoint is not None and preset_name is not None:
+        raise CheckpointError("give either --checkpoint or --preset, not both")
+    if checkpoint is not None:
+        return CheckpointFolder(checkpoint)
+    return PresetWeights(preset_name or "tiny")

@@ -1,0 +1,73 @@
+"""Chunked prefill and greedy decoding through any Runner (the target contract only).
+
+Ragged batches are right-padded: padding tokens get position -1, so they neither see nor are seen,
+and each row decodes at its own position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from exporter.errors import UserError
+from targets.base import Runner, chunks
+
+PAD_ID = 0
+
+
+def pad_batch(rows: Sequence[Sequence[int]], starts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """ids, positions [B, Tmax]: row b holds rows[b] at positions starts[b]...; padding is (PAD_ID, -1)."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), PAD_ID, dtype=np.int64)
+    pos = np.full((len(rows), width), -1, dtype=np.int64)
+    for b, (row, start) in enumerate(zip(rows, starts)):
+        ids[b, :len(row)] = row
+        pos[b, :len(row)] = np.arange(start, start + len(row))
+    return ids, pos
+
+
+def prefill(runner: Runner, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+    """Reset the runner and feed the prompts in chunks of at most its capacity.
+
+    Returns the logits of every prompt position, [B, Tmax, V] (padding rows hold garbage)."""
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token")
+    check_context(runner, max(len(p) for p in prompts))
+    runner.reset(len(prompts))
+    ids, pos = pad_batch(prompts, [0] * len(prompts))
+    parts = [runner.step(ids[:, a:b], pos[:, a:b]) for a, b in chunks(ids.shape[1], runner.capacity)]
+    return np.concatenate(parts, axis=1)
+
+
+def check_context(runner: Runner, total: int) -> None:
+    """Without a window the cache holds at most `capacity` tokens; more would silently slide."""
+    if runner.window is None and total > runner.capacity:
+        raise UserError(f"sequence of {total} tokens exceeds the artifact's context of {runner.capacity}; "
+                        "rebuild with a larger --max-context")
+
+
+def last_logits(logits: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
+    """Each row's logits at its last real token: [B, V]."""
+    return np.stack([logits[b, n - 1] for b, n in enumerate(lengths)])
+
+
+def greedy_generate(runner: Runner, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                    eos_token_id: int | None = None) -> list[list[int]]:
+    """Greedy decoding; returns only the new tokens of each row (stopping a row at EOS)."""
+    lengths = [len(p) for p in prompts]
+    check_context(runner, max(lengths) + max_new_tokens - 1)
+    nxt = last_logits(prefill(runner, prompts), lengths).argmax(-1)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for i in range(max_new_tokens):
+        for b, token in enumerate(nxt):
+            if not done[b]:
+                out[b].append(int(token))
+                done[b] = eos_token_id is not None and int(token) == eos_token_id
+        if all(done) or i == max_new_tokens - 1:
+            break
+        ids = nxt.reshape(-1, 1).astype(np.int64)
+        pos = np.array([[n + i] for n in lengths], dtype=np.int64)
+        nxt = runner.step(ids, pos)[:, 0].argmax(-1)
+    return out

@@ -1,0 +1,125 @@
+"""Trace once: torch.export of the canonical model with fake weights, cached by content hash.
+
+The trace depends only on the config, cache capacity, dtype and tool version, never on weight values,
+so it runs on FakeTensors (no weight memory) and the saved program holds zero-stride placeholders.
+Real weights are bound by name afterwards (``bind``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.export import Dim, ExportedProgram
+
+from exporter import __version__
+from exporter.config import MistralConfig
+from exporter.model import MistralModel, empty_caches
+
+MAX_BATCH = 256
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MISTRAL_EXPORT_CACHE", Path.home() / ".cache" / "mistral-export"))
+
+
+@dataclass(frozen=True)
+class TraceSpec:
+    """Everything the exported graph depends on."""
+
+    config: MistralConfig
+    capacity: int
+    dtype: torch.dtype
+
+    def key(self) -> str:
+        blob = json.dumps({"config": self.config.to_dict(), "capacity": self.capacity, "dtype": str(self.dtype),
+                           "tool": __version__, "torch": torch.__version__}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _example_inputs(spec: TraceSpec) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    # B = T = 2 and a non-empty past: an example of 1 would specialise the dim to a constant.
+    ids = torch.zeros(2, 2, dtype=torch.long)
+    positions = torch.tensor([[3, 4], [5, 6]])
+    k, v = empty_caches(spec.config, 2, spec.capacity, spec.dtype)
+    return ids, positions, k, v
+
+
+def _dynamic_shapes(spec: TraceSpec) -> tuple[object, ...]:
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    chunk = Dim("chunk", min=1, max=spec.capacity)
+    layers = spec.config.num_hidden_layers
+    return ({0: batch, 1: chunk}, {0: batch, 1: chunk}, [{0: batch}] * layers, [{0: batch}] * layers)
+
+
+def _placeholders(program: ExportedProgram) -> None:
+    """Swap weights for zero-stride stand-ins: same shape and dtype, one element of storage."""
+    for name, value in list(program.state_dict.items()):
+        stub = torch.zeros(1, dtype=value.dtype).expand(value.shape)
+        program.state_dict[name] = torch.nn.Parameter(stub, requires_grad=False)
+
+
+def trace(spec: TraceSpec) -> ExportedProgram:
+    """Export the canonical model without real weights."""
+    # Parameters are created directly in the target dtype: FakeTensors cannot be converted after.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(spec.dtype)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model = MistralModel(spec.config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    program = torch.export.export(model, _example_inputs(spec), dynamic_shapes=_dynamic_shapes(spec))
+    _placeholders(program)
+    return program
+
+
+@dataclass
+class TracedProgram:
+    """A weight-free exported program and where it came from."""
+
+    program: ExportedProgram
+    spec: TraceSpec
+    cache_hit: bool
+    seconds: float
+
+
+def traced(spec: TraceSpec, use_cache: bool = True) -> TracedProgram:
+    """The exported program for spec, from the content-addressed cache when present."""
+    path = cache_root() / "programs" / f"{spec.key()}.pt2"
+    start = time.perf_counter()
+    if use_cache and path.is_file():
+        try:
+            return TracedProgram(torch.export.load(path), spec, True, time.perf_counter() - start)
+        except Exception:  # noqa: BLE001 - a stale or corrupt cache entry is rebuilt, never trusted
+            path.unlink(missing_ok=True)
+    program = trace(spec)
+    seconds = time.perf_counter() - start
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial.pt2", delete=False) as tmp:
+            save_program(program, Path(tmp.name))
+        os.replace(tmp.name, path)
+    return TracedProgram(program, spec, False, seconds)
+
+
+def save_program(program: ExportedProgram, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No complete tensor found")  # our zero-stride stubs
+        torch.export.save(program, path)
+
+
+def bind(program: ExportedProgram, lookup: Callable[[str], torch.Tensor]) -> ExportedProgram:
+    """Bind real weights by parameter name into the program (in place) and return it."""
+    for name in list(program.state_dict):
+        program.state_dict[name] = torch.nn.Parameter(lookup(name), requires_grad=False)
+    return program

@@ -1,0 +1,224 @@
+"""The `mistral-export` command line: thin typer commands over exporter/, targets/ and validation/.
+
+Exit codes: 0 ok, 1 internal error, 2 bad usage or input, 3 a validation gate failed.
+Set MISTRAL_EXPORT_DEBUG=1 to see the full traceback of any error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from exporter.build import BuildRequest, build
+from exporter.errors import GateFailure, UserError
+from targets import registry
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Export a Mistral-architecture checkpoint to validated artifacts for each runtime.")
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guarded(fn: F) -> F:
+    """Map domain errors to one line and an exit code; tracebacks only with MISTRAL_EXPORT_DEBUG."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except (UserError, GateFailure) as exc:
+            if os.environ.get("MISTRAL_EXPORT_DEBUG"):
+                raise
+            err.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was left half-written")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - the boundary: anything else is our bug
+            if os.environ.get("MISTRAL_EXPORT_DEBUG"):
+                raise
+            err.print(f"internal error: {type(exc).__name__}: {exc}\n"
+                      "Set MISTRAL_EXPORT_DEBUG=1 for the full traceback and report it.", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def progress_bar(enabled: bool) -> Iterator[Callable[[str, float], None]]:
+    """A rich progress bar fed by (message, fraction) callbacks; silent when disabled."""
+    if not enabled:
+        yield lambda message, fraction: None
+        return
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                   TimeElapsedColumn(), console=err, transient=True)
+    with bar:
+        task = bar.add_task("starting", total=1.0)
+        yield lambda message, fraction: bar.update(task, description=message[:60], completed=fraction)
+
+
+def parse_kv(items: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option takes key=value, got {item!r}")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+@app.command("build")
+@guarded
+def build_cmd(
+    target: Annotated[str, typer.Option(help="Target to lower to (see `mistral-export targets`).")],
+    checkpoint: Annotated[Path | None, typer.Option(help="Local Hugging Face folder (config.json, *.safetensors).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Built-in preset: tiny (default), mistral-7b-v0.1, mistral-7b-v0.3.")] = None,
+    precision: Annotated[str, typer.Option(help="fp32, fp16, bf16, or a target's quantized precision (int8, int4).")] = "fp32",
+    device: Annotated[str, typer.Option(help="Device the artifact is built and validated for (target-specific).")] = "cpu",
+    max_context: Annotated[int, typer.Option(help="KV-cache capacity for models without a sliding window.")] = 2048,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Artifact folder [default: artifacts/<model>-<target>-<precision>].")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+    option: Annotated[list[str] | None, typer.Option(help="Target option key=value (repeatable).")] = None,
+    validate: Annotated[bool, typer.Option(help="Run the validation stage at the end of the build.")] = True,
+    cache: Annotated[bool, typer.Option(help="Reuse a cached trace of the same config and options.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON instead of a summary.")] = False,
+) -> None:
+    """Trace the model once and write a whole, validated artifact folder for one target."""
+    req = BuildRequest(target=target, checkpoint=checkpoint, preset=preset, precision=precision, device=device,
+                       max_context=max_context, out=out_dir, force=force, options=parse_kv(option or []),
+                       use_cache=cache)
+    validator = None
+    if validate:
+        from validation.stage import build_validator
+        validator = build_validator(device)
+    with progress_bar(not json_out) as bar:
+        result = build(req, bar, validator)
+    summary = result.manifest["validation"]
+    if json_out:
+        print(json.dumps(result.manifest, indent=2))
+    else:
+        trace = result.manifest["trace"]
+        out.print(f"wrote {result.out} ({len(result.manifest['files'])} files); trace "
+                  f"{'cache hit' if trace['cache_hit'] else 'built'} in {trace['seconds']:.2f}s; "
+                  f"validation: {summary['status']}", highlight=False)
+    if summary.get("status") == "failed":
+        raise GateFailure(f"validation gates failed; see {result.out}/report.md")
+
+
+@app.command("targets")
+@guarded
+def targets_cmd(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List every target: available, or the reason it is not; its devices, precisions and kernels."""
+    rows = []
+    for name in registry.names():
+        target = registry.get(name)
+        reason = target.check_available()
+        kernels = target.kernels() if hasattr(target, "kernels") else {}
+        rows.append({"name": name, "available": reason is None, "reason": reason, "devices": list(target.devices),
+                     "precisions": list(target.precisions), "kernels": kernels})
+    if json_out:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("target", "status", "devices", "precisions")
+    for row in rows:
+        status = "[green]available[/]" if row["available"] else f"[yellow]unavailable[/]: {row['reason']}"
+        table.add_row(row["name"], status, ", ".join(row["devices"]), ", ".join(row["precisions"]))
+    out.print(table)
+    for row in rows:
+        for pair, kernel in row["kernels"].items():
+            out.print(f"  {row['name']} {pair}: {kernel}", highlight=False)
+
+
+@app.command("inspect")
+@guarded
+def inspect_cmd(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the raw manifest.")] = False,
+) -> None:
+    """Print an artifact's manifest (files are checked against their sha256)."""
+    from exporter.manifest import read_manifest
+
+    manifest = read_manifest(artifact)
+    if json_out:
+        print(json.dumps(manifest, indent=2))
+        return
+    t, c, m = manifest["target"], manifest["cache"], manifest["model"]
+    out.print(f"[bold]{artifact}[/]  schema v{manifest['schema_version']}")
+    out.print(f"model    {m['name']} ({m['source']}): {m['config']['num_hidden_layers']} layers, "
+              f"hidden {m['config']['hidden_size']}, window {m['config']['sliding_window']}", highlight=False)
+    out.print(f"target   {t['name']} on {t['device']}, precision {t['precision']}, options {t['options']}",
+              highlight=False)
+    out.print(f"cache    capacity {c['capacity']}, {c['policy']}, window {c['window']}, {c['layout']}, "
+              f"{c['dtype']}, {c['residence']}", highlight=False)
+    out.print(f"tool     {manifest['tool']}", highlight=False)
+    out.print(f"valid.   {manifest['validation'].get('status')}", highlight=False)
+    table = Table("file", "bytes", "sha256")
+    for f in manifest["files"]:
+        table.add_row(f["path"], f"{f['bytes']:,}", f["sha256"][:16] + "…")
+    out.print(table)
+
+
+def prompt_tokens(artifact: Path, manifest: dict[str, Any], prompt_ids: str | None, prompt: str | None) -> list[int]:
+    if (prompt_ids is None) == (prompt is None):
+        raise UserError("give exactly one of --prompt-ids or --prompt")
+    if prompt_ids is not None:
+        try:
+            ids = [int(x) for x in prompt_ids.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise UserError(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
+        vocab = manifest["model"]["config"]["vocab_size"]
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if not ids or bad:
+            raise UserError(f"--prompt-ids needs ids in [0, {vocab}); got {bad or 'none'}")
+        return ids
+    if not manifest["model"].get("tokenizer"):
+        raise UserError(f"artifact {artifact} has no tokenizer; use --prompt-ids")
+    from validation.text import load_tokenizer
+    return load_tokenizer(artifact / manifest["model"]["tokenizer"]).encode(prompt)
+
+
+@app.command("generate")
+@guarded
+def generate_cmd(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder.")],
+    prompt_ids: Annotated[str | None, typer.Option(help="Prompt as comma-separated token ids, e.g. 1,2,3.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Prompt text (needs a tokenizer in the artifact).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 16,
+    device: Annotated[str | None, typer.Option(help="Device to run on [default: the artifact's].")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print {\"token_ids\": [...]} only.")] = False,
+) -> None:
+    """Greedy decoding through the artifact's own runner."""
+    from exporter.generate import greedy_generate
+
+    manifest, runner = registry.load_runner(artifact, device)
+    ids = prompt_tokens(artifact, manifest, prompt_ids, prompt)
+    new = greedy_generate(runner, [ids], max_new_tokens, manifest["model"]["config"].get("eos_token_id"))[0]
+    if json_out:
+        print(json.dumps({"token_ids": new}))
+        return
+    out.print(f"prompt {len(ids)} tokens -> {len(new)} new: {new}", highlight=False)
+    if manifest["model"].get("tokenizer"):
+        from validation.text import load_tokenizer
+        out.print(load_tokenizer(artifact / manifest["model"]["tokenizer"]).decode(new), highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

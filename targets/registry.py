@@ -1,0 +1,49 @@
+"""Target registry: an explicit table, plus third-party targets from the entry-point group
+``mistral_export.targets``. Modules are imported on lookup only, so a missing runtime never
+breaks the others."""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from exporter.errors import TargetUnavailable, UserError
+from exporter.manifest import read_manifest
+from targets.base import Runner, Target
+
+ENTRY_POINT_GROUP = "mistral_export.targets"
+
+BUILTIN: dict[str, str] = {
+    "reference": "targets.reference:ReferenceTarget",
+}
+
+
+def _specs() -> dict[str, str]:
+    specs = dict(BUILTIN)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        specs.setdefault(ep.name, ep.value)
+    return specs
+
+
+def names() -> list[str]:
+    return list(_specs())
+
+
+def get(name: str) -> Target:
+    specs = _specs()
+    if name not in specs:
+        raise UserError(f"unknown target '{name}'; valid targets: {', '.join(specs)}")
+    module, _, attr = specs[name].partition(":")
+    return getattr(importlib.import_module(module), attr)()
+
+
+def load_runner(artifact: Path, device: str | None = None) -> tuple[dict[str, Any], Runner]:
+    """Verify an artifact's files against its manifest and open a runner on it."""
+    manifest = read_manifest(artifact)
+    target = get(manifest["target"]["name"])
+    reason = target.check_available()
+    if reason:
+        raise TargetUnavailable(f"artifact {artifact} needs target '{target.name}', not available here: {reason}")
+    return manifest, target.load(Path(artifact), manifest, device)

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny seeded checkpoints made in-process, and transformers as the reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from exporter.config import config_from_dict
+from exporter.trace import TraceSpec, bind, trace
+from targets.reference import ProgramRunner
+
+TINY_HF: dict[str, Any] = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+                               max_position_embeddings=256, rms_norm_eps=1e-5)
+
+
+def hf_model(seed: int = 0, **overrides: Any) -> Any:
+    """A seeded random transformers MistralForCausalLM (eager attention, fp32)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(**{**TINY_HF, **overrides})
+    cfg._attn_implementation = "eager"
+    model = MistralForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms away from 1 so a skipped norm shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return model
+
+
+def save_checkpoint(model: Any, folder: Path, shard_size: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    return folder
+
+
+def canonical_runner(model: Any, capacity: int | None = None, dtype: torch.dtype = torch.float32) -> ProgramRunner:
+    """The exported canonical program with the HF model's weights bound."""
+    cfg = config_from_dict(model.config.to_dict())
+    capacity = capacity or cfg.sliding_window or 64
+    program = trace(TraceSpec(cfg, capacity, dtype))
+    state = model.state_dict()
+    bind(program, lambda name: state[name].to(dtype))
+    return ProgramRunner(program, capacity, cfg.sliding_window)
+
+
+def hf_logits(model: Any, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test session gets its own trace cache, so tests never see a stale program."""
+    monkeypatch.setenv("MISTRAL_EXPORT_CACHE", str(tmp_path_factory.getbasetemp() / "trace-cache"))
+
+
+def write_config(folder: Path, raw: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(raw))
+    return folder
+
+
+def save_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A tiny word-level tokenizer (tokenizers library), saved the way HF folders carry one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab_size - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}))

@@ -1,0 +1,86 @@
+"""The invariant: prefill == step-by-step decode == transformers, past the window, batch 2 ragged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from exporter.generate import pad_batch, prefill
+from tests.conftest import canonical_runner, hf_logits, hf_model
+
+TOL = 1e-4
+
+
+def _ids(n: int, vocab: int, seed: int) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _prefill_then_decode(runner, prompts: list[list[int]], prefix: list[int]) -> np.ndarray:
+    """Prefill prefix[b] tokens of each row (chunked), then feed the rest one token at a time."""
+    first = prefill(runner, [p[:n] for p, n in zip(prompts, prefix)])
+    steps = [first]
+    for i in range(max(len(p) - n for p, n in zip(prompts, prefix))):
+        rows = [p[n + i:n + i + 1] or [0] for p, n in zip(prompts, prefix)]
+        ids, pos = pad_batch(rows, [n + i for n in prefix])
+        pos[[b for b, (p, n) in enumerate(zip(prompts, prefix)) if n + i >= len(p)]] = -1
+        steps.append(runner.step(ids, pos))
+    # Reassemble each row's logits in position order.
+    width = max(len(p) for p in prompts)
+    out = np.zeros((len(prompts), width, steps[0].shape[-1]), dtype=np.float32)
+    for b, (p, n) in enumerate(zip(prompts, prefix)):
+        out[b, :n] = first[b, :n]
+        for i in range(len(p) - n):
+            out[b, n + i] = steps[1 + i][b, 0]
+    return out
+
+
+def _check(model, runner, prompts: list[list[int]], prefix: list[int], label: str) -> float:
+    ours = _prefill_then_decode(runner, prompts, prefix)
+    worst = 0.0
+    for b, p in enumerate(prompts):
+        ref = hf_logits(model, p).numpy()
+        worst = max(worst, float(np.abs(ours[b, :len(p)] - ref).max()))
+    print(f"{label}: max abs logit error vs transformers = {worst:.3e}")
+    assert worst <= TOL
+    return worst
+
+
+def test_prefill_and_decode_past_window() -> None:
+    model = hf_model(sliding_window=4)
+    runner = canonical_runner(model)
+    prompt = _ids(36, 96, 1)
+    _check(model, runner, [prompt], [7], "window 4, prefill 7 + decode 29")
+
+
+def test_batch2_ragged_past_window() -> None:
+    model = hf_model(sliding_window=4)
+    runner = canonical_runner(model)
+    prompts = [_ids(33, 96, 2), _ids(21, 96, 3)]
+    _check(model, runner, prompts, [10, 3], "batch 2 ragged (33/21 tokens, prefill 10/3)")
+
+
+def test_v03_style_no_window_rope_parameters() -> None:
+    model = hf_model(sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    runner = canonical_runner(model, capacity=48)
+    prompts = [_ids(40, 96, 4), _ids(25, 96, 5)]
+    _check(model, runner, prompts, [17, 9], "no window, rope_theta 1e6")
+
+
+@pytest.mark.parametrize("overrides,label", [
+    (dict(head_dim=16), "explicit head_dim 16 != 32/4"),
+    (dict(num_key_value_heads=1), "MQA (1 kv head)"),
+    (dict(tie_word_embeddings=True), "tied embeddings"),
+])
+def test_config_variants(overrides: dict, label: str) -> None:
+    model = hf_model(**overrides)
+    runner = canonical_runner(model)
+    _check(model, runner, [_ids(30, 96, 6)], [5], label)
+
+
+def test_prefill_chunk_at_full_capacity() -> None:
+    """A chunk of exactly C tokens, twice over, wraps the ring in one step."""
+    model = hf_model(sliding_window=8)
+    runner = canonical_runner(model)
+    prompt = _ids(24, 96, 7)
+    _check(model, runner, [prompt], [16], "chunks of C=8")
