@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.artifact import staged
-from exporter.checkpoint import DTYPES, TOKENIZER_FILES, WeightSource, open_source
+from exporter.checkpoint import DTYPES, TOKENIZER_FILES, CheckpointFolder, WeightSource, open_source
 from exporter.config import MistralConfig
 from exporter.contract import io_to_dict
 from exporter.errors import TargetUnavailable, UserError
@@ -22,7 +22,7 @@ from targets.base import LowerInput, Progress, Target, check_supported, parse_op
 
 ARTIFACTS_ROOT = Path("artifacts")
 # Runs after lowering, inside the staging folder; returns the manifest's validation summary.
-Validator = Callable[[Path, dict[str, Any]], dict[str, Any]]
+Validator = Callable[[Path, dict[str, Any], Progress], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,7 @@ def build(req: BuildRequest, progress: Progress | None = None, validator: Valida
         has_tokenizer = copy_tokenizer(source, stage)
         manifest = {
             "model": {"name": source.name, "source": source.fingerprint(), "config": source.config.to_dict(),
+                      "path": str(source.folder.resolve()) if isinstance(source, CheckpointFolder) else None,
                       "checkpoint_files": [r.to_dict() for r in source.file_records()],
                       "tokenizer": "tokenizer" if has_tokenizer else None},
             "tool": tool_versions(getattr(target, "runtime_packages", ())),
@@ -114,6 +115,6 @@ def build(req: BuildRequest, progress: Progress | None = None, validator: Valida
         }
         manifest = write_manifest(stage, manifest)
         if validator is not None:
-            manifest["validation"] = validator(stage, manifest)
+            manifest["validation"] = validator(stage, manifest, progress)
             manifest = write_manifest(stage, manifest)
     return BuildResult(out, manifest, trace)

@@ -70,6 +70,12 @@ class WeightSource:
     def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
+    def parameter(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """A canonical parameter by name; a tied lm_head resolves to the embedding."""
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            name = "model.embed_tokens.weight"
+        return self.tensor(name, dtype)
+
     def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.shapes():
             yield name, self.tensor(name, dtype)

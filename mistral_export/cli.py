@@ -216,6 +216,72 @@ def generate_cmd(
         out.print(load_tokenizer(artifact / manifest["model"]["tokenizer"]).decode(new), highlight=False)
 
 
+def _print_report(rep: dict[str, Any]) -> None:
+    p, lat = rep["parity"], rep["latency"]
+    color = {"passed": "green", "failed": "red"}.get(p["status"], "yellow")
+    out.print(f"parity: [{color}]{p['status']}[/] (level {p['level']}, gates {p.get('precision_gates')})")
+    if p["status"] != "not-run":
+        worst = ", ".join(f"{k} {v:.3g}" for k, v in p["worst"].items())
+        out.print(f"  worst: {worst}; free-running match {p['generation']['free_running_match']:.2f}",
+                  highlight=False)
+        for f in p["failures"][:10]:
+            out.print(f"  [red]FAIL[/] {f['metric']} at {f['step']} = {f['value']:.4g} "
+                      f"({'<=' if f['bound'] == 'max' else '>='} {f['threshold']:.4g})", highlight=False)
+    if lat["status"] == "measured":
+        pre = ", ".join(f"T={r['tokens']}: {r['median_ms']:.2f} ms" for r in lat["prefill"])
+        dec = ", ".join(f"fill {r['fill']}: {r['median_ms']:.2f} ms" for r in lat["decode"])
+        out.print(f"latency ({lat['level']}): prefill {pre}; decode {dec}; peak RSS {lat['peak_rss_mb']} MB",
+                  highlight=False)
+
+
+@app.command("validate")
+@guarded
+def validate_cmd(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder.")],
+    device: Annotated[str | None, typer.Option(help="Device to validate on [default: the artifact's].")] = None,
+    precision_gates: Annotated[str | None, typer.Option(help="Gate table row: fp32, fp16, bf16, int8, int4 [default: the artifact's precision].")] = None,
+    reference_checkpoint: Annotated[Path | None, typer.Option(help="Original checkpoint, if not at its recorded path.")] = None,
+    latency: Annotated[bool, typer.Option(help="Also measure latency.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print report.json to stdout.")] = False,
+) -> None:
+    """Parity against the canonical fp32 reference (exit 3 on a failed gate) and latency; writes
+    report.json, report.md and latency.png into the artifact."""
+    from validation.stage import ValidateRequest, validate_artifact
+
+    req = ValidateRequest(device=device, precision_gates=precision_gates, latency=latency,
+                          reference_checkpoint=reference_checkpoint)
+    with progress_bar(not json_out) as bar:
+        rep = validate_artifact(artifact, req, bar)
+    if json_out:
+        from validation.report import _json_safe
+        print(json.dumps(_json_safe(rep), indent=2))
+    else:
+        _print_report(rep)
+        out.print(f"wrote {artifact}/report.json, report.md, latency.png", highlight=False)
+    if rep["parity"]["status"] == "failed":
+        first = rep["parity"]["failures"][0]
+        raise GateFailure(f"{len(rep['parity']['failures'])} parity gate(s) failed, first: {first['metric']} at "
+                          f"{first['step']} = {first['value']:.4g} (threshold {first['threshold']:.4g})")
+
+
+@app.command("bench")
+@guarded
+def bench_cmd(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder.")],
+    device: Annotated[str | None, typer.Option(help="Device to run on [default: the artifact's].")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print report.json to stdout.")] = False,
+) -> None:
+    """Latency only: prefill per chunk length, decode per cache fill, memory (writes the reports)."""
+    from validation.stage import ValidateRequest, validate_artifact
+
+    with progress_bar(not json_out) as bar:
+        rep = validate_artifact(artifact, ValidateRequest(device=device, parity=False), bar)
+    if json_out:
+        print(json.dumps(rep, indent=2))
+    else:
+        _print_report(rep)
+
+
 def main() -> None:
     app()
 

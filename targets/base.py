@@ -46,10 +46,7 @@ class LowerInput:
 
     def weight(self, name: str) -> torch.Tensor:
         """One weight by canonical parameter name, in the traced dtype (tied lm_head resolved)."""
-        dtype = next(iter(self.traced.state_dict.values())).dtype
-        if name == "lm_head.weight" and self.config.tie_word_embeddings:
-            name = "model.embed_tokens.weight"
-        return self.weights.tensor(name, dtype)
+        return self.weights.parameter(name, next(iter(self.traced.state_dict.values())).dtype)
 
 
 @dataclass

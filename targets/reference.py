@@ -41,6 +41,7 @@ class ProgramRunner:
         self.device = device
         self.capacity = capacity
         self.window = window
+        self.threads = torch.get_num_threads()
         self.dtype = next(iter(program.state_dict.values())).dtype
         self._cache_shape = self._shape_from(program)
         self.k: list[torch.Tensor] = []

@@ -56,7 +56,8 @@ def test_dynamic_batch_and_chunk_one() -> None:
     assert runner.step(np.zeros((3, 4), np.int64), np.tile(np.arange(4), (3, 1))).shape == (3, 4, 96)
 
 
-def test_trace_cache_hit_and_key() -> None:
+def test_trace_cache_hit_and_key(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MISTRAL_EXPORT_CACHE", str(tmp_path))
     cfg = config_from_dict(hf_model().config.to_dict())
     spec = TraceSpec(cfg, 4, torch.float32)
     first = traced(spec)

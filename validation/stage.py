@@ -1,6 +1,98 @@
-"""Placeholder until the validation stage lands."""
+"""The validation stage: parity gates and latency for one artifact, written into it as reports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
+from exporter.manifest import read_manifest, write_manifest
+from targets import registry
+from validation import latency, report
+from validation.gates import gates_for
+from validation.parity import ParityResult, compare, default_case
+from validation.reference import reference_runner, source_from_manifest
 
-def build_validator(device: str) -> Any:
-    return None
+Progress = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class ValidateRequest:
+    """What to check and how."""
+
+    device: str | None = None
+    precision_gates: str | None = None
+    parity: bool = True
+    latency: bool = True
+    reference_checkpoint: Path | None = None
+    new_tokens: int = 20
+
+
+def _parity_section(result: ParityResult | None, level: str, measured_on: str, gates_name: str) -> dict[str, Any]:
+    if result is None:
+        return {"status": "not-run", "level": level}
+    return {"status": "passed" if result.passed else "failed", "level": level, "measured_on": measured_on,
+            "precision_gates": gates_name, "gates": result.gates, "case": result.case.describe(),
+            "worst": result.worst(), "generation": result.generation,
+            "steps": [s.to_dict() for s in result.steps], "failures": [f.to_dict() for f in result.failures]}
+
+
+def summary(rep: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's short form of a report."""
+    p, lat = rep["parity"], rep["latency"]
+    out: dict[str, Any] = {"status": p["status"], "level": p["level"], "report": "report.json",
+                           "measured_at": rep["created"]}
+    if p["status"] != "not-run":
+        out.update(precision_gates=p["precision_gates"], worst=p["worst"], failures=len(p["failures"]),
+                   first_failures=[f"{f['metric']} at {f['step']}" for f in p["failures"][:3]],
+                   free_running_match=p["generation"]["free_running_match"])
+    if lat["status"] == "measured":
+        out["latency"] = {"prefill_ms": {r["tokens"]: round(r["median_ms"], 3) for r in lat["prefill"]},
+                          "decode_ms": {r["fill"]: round(r["median_ms"], 3) for r in lat["decode"]}}
+    return out
+
+
+def validate_artifact(artifact: Path, req: ValidateRequest, progress: Progress | None = None) -> dict[str, Any]:
+    """Run parity and latency, write report.json/.md/.png into the artifact, update its manifest."""
+    progress = progress or (lambda m, f: None)
+    artifact = Path(artifact)
+    manifest, runner = registry.load_runner(artifact, req.device)
+    level = getattr(runner, "level", "device")
+    device = req.device or manifest["target"]["device"]
+    gates_name = req.precision_gates or manifest["target"]["precision"]
+    gates = gates_for(gates_name)
+    cfg = manifest["model"]["config"]
+    result = None
+    if req.parity:
+        source = source_from_manifest(manifest, req.reference_checkpoint)
+        tokenizer = None
+        if manifest["model"].get("tokenizer"):
+            from validation.text import load_tokenizer
+            tokenizer = load_tokenizer(artifact / manifest["model"]["tokenizer"])
+        case = default_case(runner.capacity, runner.window, cfg["vocab_size"], tokenizer, req.new_tokens)
+        result = compare(reference_runner(manifest, source), runner, case, gates, progress)
+    lat: dict[str, Any] = {"status": "not-run", "level": level}
+    if req.latency:
+        lat = {"status": "measured", "level": level, **latency.measure(runner, cfg["vocab_size"], progress=progress)}
+    rep = {"schema": "mistral-export/validation-report", "schema_version": report.REPORT_SCHEMA_VERSION,
+           "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "artifact": {"target": manifest["target"]["name"], "precision": manifest["target"]["precision"],
+                        "device": device, "model": manifest["model"]["name"]},
+           "fingerprint": latency.fingerprint(runner, manifest["tool"]),
+           "parity": _parity_section(result, level, f"{device} ({manifest['target']['name']})", gates_name),
+           "latency": lat}
+    report.write_all(artifact, rep)
+    manifest["validation"] = summary(rep)
+    write_manifest(artifact, manifest)
+    return rep
+
+
+def build_validator(device: str) -> Callable[[Path, dict[str, Any], Progress], dict[str, Any]]:
+    """The build's last step: validate the staged artifact on the build device."""
+
+    def run(stage: Path, manifest: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        return summary(validate_artifact(stage, ValidateRequest(device=device), progress))
+
+    return run

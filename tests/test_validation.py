@@ -1,0 +1,134 @@
+"""Validation: metrics on hand-made logits, gates that catch planted defects, report schema, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from exporter.config import preset
+from exporter.manifest import read_manifest, write_manifest
+from exporter.trace import TraceSpec, save_program, trace
+from mistral_export.cli import app
+from validation import metrics
+from validation.gates import GATES, evaluate, gates_for
+from validation.report import REPORT_SCHEMA
+
+cli = CliRunner()
+
+
+def test_metrics_known_answers() -> None:
+    ref = np.array([[0.0, 0.0], [1.0, 2.0]])
+    got = np.array([[0.0, math.log(3.0)], [1.0, 2.5]])
+    assert metrics.max_abs(ref, got) == pytest.approx(math.log(3.0))
+    assert metrics.mean_abs(ref, got) == pytest.approx((math.log(3.0) + 0.5) / 4)
+    # KL([.5, .5] || [.25, .75]) = 0.5 ln(4/3) is the larger of the two rows.
+    assert metrics.kl_divergence(ref, got) == pytest.approx(0.5 * math.log(4 / 3))
+    assert metrics.kl_divergence(ref, ref) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.top1_agreement(np.array([[1, 0], [0, 1], [1, 0], [0, 1]]),
+                                  np.array([[1, 0], [1, 0], [0, 1], [0, 1]])) == 0.5
+    assert metrics.cosine(np.array([[1.0, 0.0]]), np.array([[0.0, 2.0]])) == pytest.approx(0.0)
+    assert metrics.cosine(np.array([[1.0, 2.0]]), np.array([[2.0, 4.0]])) == pytest.approx(1.0)
+    bad = metrics.step_metrics("s", ref, np.array([[np.nan, 0.0], [1.0, 2.0]]))
+    assert bad.max_abs == float("inf") and bad.top1 == 0.0
+
+
+def test_gates_collect_every_failure() -> None:
+    good = metrics.StepMetrics("decode[0]", 2, 1e-6, 1e-7, 1.0, 1.0, 0.0)
+    bad = metrics.StepMetrics("decode[1]", 2, 1e-2, 1e-7, 0.5, 0.5, 0.0)
+    failures = evaluate([good, bad], {"teacher_forced_match": 0.5, "free_running_match": 1.0}, GATES["fp32"])
+    names = sorted((f.metric, f.step) for f in failures)
+    assert names == [("cosine", "decode[1]"), ("max_abs", "decode[1]"), ("teacher_forced_match", "generation"),
+                     ("top1", "decode[1]")]
+    assert "max_abs at decode[1] = 0.01, must be <= 0.0001" in [str(f) for f in failures]
+    assert gates_for("palette4") == GATES["int4"]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("v") / "ref"
+    result = cli.invoke(app, ["build", "--target", "reference", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _copy(src: Path, dest: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dest)
+    return dest
+
+
+def _restamp(folder: Path) -> None:
+    """Re-hash the files after planting a defect, so only the gates can catch it."""
+    write_manifest(folder, read_manifest(folder, verify=False))
+
+
+def _validate(folder: Path, *extra: str) -> object:
+    result = cli.invoke(app, ["validate", str(folder), "--no-latency", *extra])
+    print(result.output)
+    return result
+
+
+def test_build_writes_reports_that_match_the_schema(artifact: Path) -> None:
+    rep = json.loads((artifact / "report.json").read_text())
+    jsonschema.validate(rep, REPORT_SCHEMA)
+    assert rep["parity"]["status"] == "passed" and rep["parity"]["level"] == "device"
+    assert rep["latency"]["status"] == "measured" and rep["latency"]["decode"]
+    assert (artifact / "latency.png").stat().st_size > 1000
+    assert "## Parity: **passed**" in (artifact / "report.md").read_text()
+    manifest = read_manifest(artifact)
+    assert manifest["validation"]["status"] == "passed"
+    assert {"report.json", "report.md", "latency.png"} <= {f["path"] for f in manifest["files"]}
+
+
+def test_validate_and_bench_cli(artifact: Path, tmp_path: Path) -> None:
+    folder = _copy(artifact, tmp_path / "a")
+    assert _validate(folder).exit_code == 0
+    result = _validate(folder, "--precision-gates", "int3")
+    assert result.exit_code == 2 and "valid: fp32" in result.output
+    bench = cli.invoke(app, ["bench", str(folder), "--json"])
+    assert bench.exit_code == 0 and json.loads(bench.output)["parity"]["status"] == "not-run"
+
+
+def _plant_perturbed_weight(folder: Path) -> None:
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    state["model.layers.1.mlp.down_proj.weight"][3, 5] += 0.05
+    save_file(state, path)
+
+
+def _plant_window_off_by_one(folder: Path) -> None:
+    cfg = preset("tiny")
+    wrong = trace(TraceSpec(type(cfg)(**{**cfg.to_dict(), "sliding_window": cfg.sliding_window - 1}),
+                            cfg.sliding_window, torch.float32))
+    save_program(wrong, folder / "program.pt2")
+
+
+def _plant_swapped_kv_heads(folder: Path) -> None:
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    d = preset("tiny").head_dim
+    for proj in ("k_proj", "v_proj"):
+        w = state[f"model.layers.0.self_attn.{proj}.weight"]
+        state[f"model.layers.0.self_attn.{proj}.weight"] = torch.cat([w[d:2 * d], w[:d], w[2 * d:]])
+    save_file(state, path)
+
+
+@pytest.mark.parametrize("plant", [_plant_perturbed_weight, _plant_window_off_by_one, _plant_swapped_kv_heads])
+def test_gates_catch_planted_defects(artifact: Path, tmp_path: Path, plant) -> None:
+    folder = _copy(artifact, tmp_path / "planted")
+    plant(folder)
+    _restamp(folder)
+    result = _validate(folder)
+    assert result.exit_code == 3
+    assert "parity gate(s) failed, first:" in result.output and "threshold" in result.output
+    rep = json.loads((folder / "report.json").read_text())
+    assert rep["parity"]["status"] == "failed" and rep["parity"]["failures"]
+    assert read_manifest(folder)["validation"]["status"] == "failed"

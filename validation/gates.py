@@ -1,0 +1,82 @@
+"""Parity gates: one declared table of thresholds per precision, and their evaluation.
+
+Upper bounds: max_abs, mean_abs (logit units), kl (nats, worst position). Lower bounds: cosine (worst
+position), top1 (fraction of positions whose argmax agrees), and the greedy token-match rates.
+The defaults and the measurements behind them are in validation/README.md ("Gate table").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from exporter.errors import UserError
+from validation.metrics import StepMetrics
+
+UPPER = ("max_abs", "mean_abs", "kl")
+LOWER = ("cosine", "top1")
+GENERATION = ("teacher_forced_match", "free_running_match")
+
+GATES: dict[str, dict[str, float]] = {
+    # fp32: kernels differ only in summation order.
+    "fp32": {"max_abs": 1e-4, "mean_abs": 1e-5, "kl": 1e-6, "cosine": 0.99999, "top1": 0.99,
+             "teacher_forced_match": 0.99, "free_running_match": 0.9},
+    # fp16 keeps 11 mantissa bits through weights, activations and KV cache.
+    "fp16": {"max_abs": 2e-2, "mean_abs": 3e-3, "kl": 1e-3, "cosine": 0.999, "top1": 0.95,
+             "teacher_forced_match": 0.95, "free_running_match": 0.5},
+    # bf16 keeps 8 mantissa bits.
+    "bf16": {"max_abs": 1e-1, "mean_abs": 2e-2, "kl": 1e-2, "cosine": 0.995, "top1": 0.9,
+             "teacher_forced_match": 0.9, "free_running_match": 0.3},
+    # Weight-only int8 (per-channel or block 32 scales).
+    "int8": {"max_abs": 1e-1, "mean_abs": 2e-2, "kl": 1e-2, "cosine": 0.995, "top1": 0.9,
+             "teacher_forced_match": 0.9, "free_running_match": 0.3},
+    # Weight-only int4 (block/group scales); judged on distribution shape, not on logit values.
+    "int4": {"max_abs": float("inf"), "mean_abs": float("inf"), "kl": 0.1, "cosine": 0.95, "top1": 0.7,
+             "teacher_forced_match": 0.7, "free_running_match": 0.0},
+}
+# Precisions named by a target for its own formats map onto a row of the table.
+ALIASES = {"palette4": "int4"}
+
+
+def gates_for(precision: str) -> dict[str, float]:
+    key = ALIASES.get(precision, precision)
+    if key not in GATES:
+        raise UserError(f"no gate table for precision '{precision}'; valid: {', '.join(GATES)}")
+    return GATES[key]
+
+
+@dataclass(frozen=True)
+class GateFailureItem:
+    """One broken threshold: which metric, at which step, its value and the bound."""
+
+    metric: str
+    step: str
+    value: float
+    threshold: float
+    bound: str
+
+    def __str__(self) -> str:
+        sign = "<=" if self.bound == "max" else ">="
+        return f"{self.metric} at {self.step} = {self.value:.4g}, must be {sign} {self.threshold:.4g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "step": self.step, "value": self.value, "threshold": self.threshold,
+                "bound": self.bound}
+
+
+def evaluate(steps: list[StepMetrics], generation: dict[str, float], gates: dict[str, float]) -> list[GateFailureItem]:
+    """Every broken threshold over every step and the generation rates, collected in one list."""
+    failures = []
+    for s in steps:
+        for metric in UPPER:
+            value = getattr(s, metric)
+            if not value <= gates[metric]:
+                failures.append(GateFailureItem(metric, s.step, value, gates[metric], "max"))
+        for metric in LOWER:
+            value = getattr(s, metric)
+            if not value >= gates[metric]:
+                failures.append(GateFailureItem(metric, s.step, value, gates[metric], "min"))
+    for metric in GENERATION:
+        if metric in generation and not generation[metric] >= gates[metric]:
+            failures.append(GateFailureItem(metric, "generation", generation[metric], gates[metric], "min"))
+    return failures
