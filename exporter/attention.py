@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+MASK_FLOOR = -30000.0  # exp(-30000) is 0 in every float dtype; -30000 is finite in fp16 and bf16
 _NO_POS = 1 << 40  # larger than any real position; marks rows with no valid token
 
 
@@ -63,16 +64,22 @@ def write_cache(cache: Tensor, new: Tensor, positions: Tensor) -> Tensor:
 
 
 def reference_cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                               positions: Tensor, window: int) -> tuple[Tensor, Tensor, Tensor]:
-    """q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]; caches: [B, Hkv, C, D] -> out [B, Hq, T, D], caches'."""
+                               positions: Tensor, window: int,
+                               expand_gqa: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]; caches: [B, Hkv, C, D] -> out [B, Hq, T, D], caches'.
+
+    expand_gqa repeats KV heads before SDPA, for converters whose SDPA needs equal head counts."""
     capacity = k_cache.shape[2]
     keys = torch.cat([k_cache, k], dim=2)  # [B, Hkv, C + T, D]
     values = torch.cat([v_cache, v], dim=2)
     seen = attention_mask(positions, capacity, window)
-    # Additive mask with a finite floor: a fully masked (padding) row stays finite, never NaN.
-    bias = torch.where(seen, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias,
-                                         enable_gqa=q.shape[1] != k.shape[1])
+    # Additive mask with a finite floor that fp16 can hold: a fully masked (padding) row stays finite,
+    # so padding never turns into NaN that a 0 attention weight would still spread (0 * NaN = NaN).
+    bias = torch.where(seen, 0.0, MASK_FLOOR).to(q.dtype)
+    n_rep = q.shape[1] // k.shape[1]
+    if expand_gqa and n_rep > 1:
+        keys, values = keys.repeat_interleave(n_rep, dim=1), values.repeat_interleave(n_rep, dim=1)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, enable_gqa=n_rep > 1 and not expand_gqa)
     return out, write_cache(k_cache, k, positions), write_cache(v_cache, v, positions)
 
 
@@ -91,7 +98,12 @@ def _(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
 CACHED_ATTENTION_OP = torch.ops.mistral_export.cached_attention.default
 
 
-def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+def decompose(program: torch.export.ExportedProgram, expand_gqa: bool = False) -> torch.export.ExportedProgram:
     """Replace each cached_attention node with aten ops (SDPA + scatter) for generic converters."""
+
+    def impl(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor,
+             window: int) -> tuple[Tensor, Tensor, Tensor]:
+        return reference_cached_attention(q, k, v, k_cache, v_cache, positions, window, expand_gqa)
+
     # Only our op is decomposed: SDPA stays one node, which converters map onto their own SDPA.
-    return program.run_decompositions({CACHED_ATTENTION_OP: reference_cached_attention})
+    return program.run_decompositions({CACHED_ATTENTION_OP: impl})

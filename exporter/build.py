@@ -90,8 +90,8 @@ def build(req: BuildRequest, progress: Progress | None = None, validator: Valida
     source = prepared[0] if prepared else open_source(req.checkpoint, req.preset)
     capacity = capacity_for(source.config, req.max_context)
     progress("tracing", 0.0)
-    trace = prepared[1] if prepared else traced(
-        TraceSpec(source.config, capacity, DTYPES[trace_dtype(req.precision)]), req.use_cache)
+    dtype = getattr(target, "trace_dtype", trace_dtype)(req.precision)
+    trace = prepared[1] if prepared else traced(TraceSpec(source.config, capacity, DTYPES[dtype]), req.use_cache)
     out = req.out or ARTIFACTS_ROOT / f"{source.name}-{target.name}-{req.precision}"
     with staged(out, req.force) as stage:
         start = time.perf_counter()

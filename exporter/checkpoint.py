@@ -102,8 +102,12 @@ class PresetWeights(WeightSource):
         if name.endswith("norm.weight"):
             # Not all ones, so a norm weight that is dropped or misapplied shows in parity.
             values = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif name.endswith("embed_tokens.weight"):
+            values = torch.randn(shape, generator=gen)
         else:
-            values = 0.02 * torch.randn(shape, generator=gen)
+            # 1/sqrt(fan_in) keeps activations O(1) and makes the output distribution peaked, as a
+            # trained model's is: near-uniform logits would make top-1 and KL checks meaningless.
+            values = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
         return values.to(dtype)
 
     def fingerprint(self) -> str:

@@ -21,6 +21,8 @@ cli = CliRunner()
 CASES = [
     ("reference", "fp32"),
     ("reference", "bf16"),
+    ("coreml", "fp16"),
+    ("coreml", "int8"),
 ]
 
 

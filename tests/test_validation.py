@@ -46,7 +46,7 @@ def test_gates_collect_every_failure() -> None:
     failures = evaluate([good, bad], {"teacher_forced_match": 0.5, "free_running_match": 1.0}, GATES["fp32"])
     names = sorted((f.metric, f.step) for f in failures)
     assert names == [("cosine", "decode[1]"), ("max_abs", "decode[1]"), ("teacher_forced_match", "generation"),
-                     ("top1", "decode[1]")]
+                     ("top1", "all positions")]
     assert "max_abs at decode[1] = 0.01, must be <= 0.0001" in [str(f) for f in failures]
     assert gates_for("palette4") == GATES["int4"]
 

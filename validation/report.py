@@ -87,7 +87,7 @@ def markdown(report: dict[str, Any]) -> str:
         case = p["case"]
         lines += [f"Reference: canonical fp32 program. Inputs: {case['source']}, prompt lengths "
                   f"{case['prompt_lengths']}, chunk {case['chunk']}, {case['new_tokens']} decode steps.", "",
-                  "| metric | worst | gate |", "|---|---|---|"]
+                  "| metric | worst (top1: pooled over positions) | gate |", "|---|---|---|"]
         for k, v in p["worst"].items():
             lines.append(f"| {k} | {_fmt(v)} | {_fmt(p['gates'][k])} |")
         g = p["generation"]

@@ -61,7 +61,8 @@ def validate_artifact(artifact: Path, req: ValidateRequest, progress: Progress |
     manifest, runner = registry.load_runner(artifact, req.device)
     level = getattr(runner, "level", "device")
     device = req.device or manifest["target"]["device"]
-    gates_name = req.precision_gates or manifest["target"]["precision"]
+    # A target may name a gate row other than its precision (Core ML fp32 keeps fp16 state).
+    gates_name = req.precision_gates or manifest["target"].get("gates") or manifest["target"]["precision"]
     gates = gates_for(gates_name)
     cfg = manifest["model"]["config"]
     result = None

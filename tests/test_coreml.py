@@ -1,0 +1,121 @@
+"""Core ML target: package structure, MIL-level execution, compression ratios, bad input.
+
+Core ML cannot predict on Linux: parity here is at level `mil-reference` (the converted MIL run by
+coremltools' own value inference). The device path runs only on macOS and skips elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mistral_export.cli import app
+from targets import registry
+
+pytestmark = pytest.mark.skipif(registry.get("coreml").check_available() is not None,
+                                reason=f"coreml: {registry.get('coreml').check_available()}")
+cli = CliRunner()
+
+
+def _build(out: Path, precision: str, *extra: str) -> object:
+    result = cli.invoke(app, ["build", "--target", "coreml", "--precision", precision, "--out", str(out), *extra])
+    print(result.output)
+    return result
+
+
+@pytest.fixture(scope="module")
+def fp16_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("coreml") / "fp16"
+    assert _build(out, "fp16").exit_code == 0
+    return out
+
+
+def _weights_bytes(artifact: Path) -> int:
+    return sum(p.stat().st_size for p in (artifact / "model.mlpackage" / "Data" / "com.apple.CoreML" / "weights")
+               .iterdir())
+
+
+def test_package_has_functions_states_and_sdpa(fp16_artifact: Path) -> None:
+    from targets.coreml.lower import quiet_coremltools
+    from targets.coreml.mil_eval import op_types
+    from targets.coreml.runner import load_mil_program
+
+    ct = quiet_coremltools()
+    spec = ct.utils.load_spec(str(fp16_artifact / "model.mlpackage"))
+    functions = {f.name: f for f in spec.description.functions}
+    assert set(functions) == {"prefill", "decode"} and spec.description.defaultFunctionName == "decode"
+    for name, chunk in (("prefill", 16), ("decode", 1)):
+        f = functions[name]
+        assert [i.name for i in f.input] == ["input_ids", "positions"]
+        assert list(f.input[0].type.multiArrayType.shape) == [1, chunk]
+        assert [o.name for o in f.output] == ["logits"]
+        states = {s.name: s.type.stateType.arrayType for s in f.state}
+        assert set(states) == {f"{k}_cache_{i}" for k in "kv" for i in range(2)}
+        assert all(list(a.shape) == [1, 2, 16, 16] and a.dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16
+                   for a in states.values())
+    program = load_mil_program(fp16_artifact / "model.mlpackage")
+    for name in ("prefill", "decode"):
+        ops = op_types(program.functions[name])
+        print(name, {k: ops[k] for k in ("scaled_dot_product_attention", "read_state", "coreml_update_state")})
+        assert ops["scaled_dot_product_attention"] == 2 and ops["coreml_update_state"] == 4
+    manifest = json.loads((fp16_artifact / "manifest.json").read_text())
+    assert manifest["target"]["compute_units"] == "ALL" and manifest["cache"]["residence"] == "stateful"
+
+
+def test_mil_reference_parity_is_labelled(fp16_artifact: Path) -> None:
+    report = json.loads((fp16_artifact / "report.json").read_text())
+    assert report["parity"]["status"] == "passed"
+    if platform.system() != "Darwin":
+        assert report["parity"]["level"] == "mil-reference" and report["latency"]["level"] == "mil-reference"
+    print("coreml fp16 worst:", report["parity"]["worst"])
+
+
+@pytest.mark.parametrize("precision,most", [("int8", 0.6), ("int4", 0.4), ("palette4", 0.4)])
+def test_compression_shrinks_weights(fp16_artifact: Path, tmp_path: Path, precision: str, most: float) -> None:
+    out = tmp_path / precision
+    result = _build(out, precision, "--no-validate")
+    assert result.exit_code == 0
+    ratio = _weights_bytes(out) / _weights_bytes(fp16_artifact)
+    print(f"{precision}: weight file {_weights_bytes(out)} bytes, {ratio:.2f}x of fp16")
+    assert ratio <= most
+
+
+@pytest.mark.parametrize("option,needle", [
+    ("deployment_target=iOS17", "Core ML state needs iOS18"),
+    ("compute_units=GPU_ONLY", "valid: CPU_ONLY, CPU_AND_GPU, CPU_AND_NE, ALL"),
+])
+def test_bad_options(tmp_path: Path, option: str, needle: str) -> None:
+    result = _build(tmp_path / "x", "fp16", "--option", option, "--no-validate")
+    assert result.exit_code == 2 and needle in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_op_without_value_inference_is_an_error(fp16_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from targets.coreml import mil_eval
+    from targets.coreml.runner import load_mil_program
+
+    monkeypatch.setattr(mil_eval, "_SUPPLEMENT", {})
+    program = load_mil_program(fp16_artifact / "model.mlpackage")
+    states = {f"{k}_cache_{i}": np.zeros((1, 2, 16, 16), np.float16) for k in "kv" for i in range(2)}
+    with pytest.raises(mil_eval.MilEvalError, match="'silu'"):
+        mil_eval.run_function(program.functions["decode"], {"input_ids": np.array([[1]]),
+                                                            "positions": np.array([[0]])}, states)
+
+
+@pytest.mark.skipif(platform.system() != "Darwin", reason="Core ML predict needs macOS 15+ (this is "
+                    f"{platform.system()}); the MIL-level check above covers the converted program")
+def test_device_predict_matches_mil(fp16_artifact: Path) -> None:
+    from targets.coreml.runner import DeviceRunner, MilRunner
+
+    args = (fp16_artifact, 16, 16, 2, (1, 2, 16, 16))
+    device, mil = DeviceRunner(*args, compute_units="CPU_ONLY"), MilRunner(*args)
+    ids, pos = np.arange(1, 21)[None], np.arange(20)[None]
+    for runner in (device, mil):
+        runner.reset(1)
+    got = [r.step(ids[:, :16], pos[:, :16]) for r in (device, mil)]
+    assert np.abs(got[0] - got[1]).max() < 2e-2
