@@ -32,8 +32,8 @@ class BuildRequest:
     target: str
     checkpoint: Path | None = None
     preset: str | None = None
-    precision: str = "fp32"
-    device: str = "cpu"
+    precision: str | None = None  # None: the target's first (default) precision
+    device: str | None = None  # None: the target's first (default) device
     max_context: int = 2048
     out: Path | None = None
     force: bool = False
@@ -60,15 +60,20 @@ def trace_dtype(precision: str) -> str:
     return precision if precision in DTYPES else "fp32"
 
 
-def resolve_target(req: BuildRequest) -> tuple[Target, Any]:
-    """The target and its options, checked before any work starts."""
+def resolve_target(req: BuildRequest) -> tuple[Target, Any, BuildRequest]:
+    """The target, its options and the request with target defaults filled in, all checked before
+    any work starts."""
     target = registry.get(req.target)
-    reason = target.check_available()
+    options = parse_options(target.options_type, req.options)
+    # A target may need less for some options (TensorRT's --onnx-only needs no TensorRT).
+    availability = getattr(target, "availability_for", None)
+    reason = availability(options) if availability else target.check_available()
     if reason:
         raise TargetUnavailable(f"target '{target.name}' is not available here: {reason}")
-    options = parse_options(target.options_type, req.options)
+    req = dataclasses.replace(req, device=req.device or target.devices[0],
+                              precision=req.precision or target.precisions[0])
     check_supported(target, req.device, req.precision, getattr(target, "support_table", None))
-    return target, options
+    return target, options, req
 
 
 def copy_tokenizer(source: WeightSource, stage: Path) -> bool:
@@ -86,7 +91,7 @@ def build(req: BuildRequest, progress: Progress | None = None, validator: Valida
           prepared: tuple[WeightSource, TracedProgram] | None = None) -> BuildResult:
     """Build one artifact at req.out (or the default path), whole or not at all."""
     progress = progress or (lambda message, fraction: None)
-    target, options = resolve_target(req)
+    target, options, req = resolve_target(req)
     source = prepared[0] if prepared else open_source(req.checkpoint, req.preset)
     capacity = capacity_for(source.config, req.max_context)
     progress("tracing", 0.0)

@@ -23,6 +23,10 @@ class TargetUnavailable(UserError):
     """A target's runtime or device is not present on this machine."""
 
 
+class NotMeasurable(UserError):
+    """An artifact that cannot be run on this machine, so nothing about it can be measured here."""
+
+
 class GateFailure(Exception):
     """A validation gate failed: exit code 3."""
 

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,24 +88,29 @@ def build_cmd(
     target: Annotated[str, typer.Option(help="Target to lower to (see `mistral-export targets`).")],
     checkpoint: Annotated[Path | None, typer.Option(help="Local Hugging Face folder (config.json, *.safetensors).")] = None,
     preset: Annotated[str | None, typer.Option(help="Built-in preset: tiny (default), mistral-7b-v0.1, mistral-7b-v0.3.")] = None,
-    precision: Annotated[str, typer.Option(help="fp32, fp16, bf16, or a target's quantized precision (int8, int4).")] = "fp32",
-    device: Annotated[str, typer.Option(help="Device the artifact is built and validated for (target-specific).")] = "cpu",
+    precision: Annotated[str | None, typer.Option(help="fp32, fp16, bf16, or a target's quantized precision (int8, int4) [default: the target's first, see `targets`].")] = None,
+    device: Annotated[str | None, typer.Option(help="Device the artifact is built and validated for [default: the target's first, see `targets`].")] = None,
     max_context: Annotated[int, typer.Option(help="KV-cache capacity for models without a sliding window.")] = 2048,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Artifact folder [default: artifacts/<model>-<target>-<precision>].")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
     option: Annotated[list[str] | None, typer.Option(help="Target option key=value (repeatable).")] = None,
     validate: Annotated[bool, typer.Option(help="Run the validation stage at the end of the build.")] = True,
     cache: Annotated[bool, typer.Option(help="Reuse a cached trace of the same config and options.")] = True,
+    onnx_only: Annotated[bool, typer.Option(help="TensorRT: write the engine-ready ONNX and the trtexec build plan, no engine.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON instead of a summary.")] = False,
 ) -> None:
     """Trace the model once and write a whole, validated artifact folder for one target."""
+    options = parse_kv(option or [])
+    if onnx_only:
+        if target != "tensorrt":
+            raise UserError("--onnx-only applies to --target tensorrt only")
+        options["onnx_only"] = "true"
     req = BuildRequest(target=target, checkpoint=checkpoint, preset=preset, precision=precision, device=device,
-                       max_context=max_context, out=out_dir, force=force, options=parse_kv(option or []),
-                       use_cache=cache)
+                       max_context=max_context, out=out_dir, force=force, options=options, use_cache=cache)
     validator = None
     if validate:
         from validation.stage import build_validator
-        validator = build_validator(device)
+        validator = build_validator()
     with progress_bar(not json_out) as bar:
         result = build(req, bar, validator)
     summary = result.manifest["validation"]
@@ -283,6 +289,10 @@ def bench_cmd(
 
 
 def main() -> None:
+    if not os.environ.get("MISTRAL_EXPORT_DEBUG"):
+        # Library deprecation chatter (torch internals) is not the user's concern; debug mode shows it.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     app()
 
 

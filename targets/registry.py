@@ -18,6 +18,7 @@ ENTRY_POINT_GROUP = "mistral_export.targets"
 BUILTIN: dict[str, str] = {
     "reference": "targets.reference:ReferenceTarget",
     "coreml": "targets.coreml:CoreMLTarget",
+    "tensorrt": "targets.tensorrt:TensorRTTarget",
 }
 
 
@@ -44,7 +45,8 @@ def load_runner(artifact: Path, device: str | None = None) -> tuple[dict[str, An
     """Verify an artifact's files against its manifest and open a runner on it."""
     manifest = read_manifest(artifact)
     target = get(manifest["target"]["name"])
-    reason = target.check_available()
+    # Targets with option-dependent needs (TensorRT: engine or ONNX proxy) decide in load().
+    reason = None if hasattr(target, "availability_for") else target.check_available()
     if reason:
         raise TargetUnavailable(f"artifact {artifact} needs target '{target.name}', not available here: {reason}")
     return manifest, target.load(Path(artifact), manifest, device)

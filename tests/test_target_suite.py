@@ -18,21 +18,29 @@ from targets import registry
 
 cli = CliRunner()
 
+def _tensorrt_args() -> list[str]:
+    """The engine where TensorRT and a GPU exist, else the engine-ready ONNX (level onnx-proxy)."""
+    return [] if registry.get("tensorrt").check_available() is None else ["--onnx-only"]
+
+
 CASES = [
-    ("reference", "fp32"),
-    ("reference", "bf16"),
-    ("coreml", "fp16"),
-    ("coreml", "int8"),
+    ("reference", "fp32", []),
+    ("reference", "bf16", []),
+    ("coreml", "fp16", []),
+    ("coreml", "int8", []),
+    ("tensorrt", "fp16", _tensorrt_args()),
+    ("tensorrt", "fp32", _tensorrt_args()),
 ]
 
 
-@pytest.mark.parametrize("target,precision", CASES)
-def test_target_passes_parity_gates(target: str, precision: str, tmp_path: Path) -> None:
-    reason = registry.get(target).check_available()
+@pytest.mark.parametrize("target,precision,extra", CASES)
+def test_target_passes_parity_gates(target: str, precision: str, extra: list[str], tmp_path: Path) -> None:
+    target_obj = registry.get(target)
+    reason = target_obj.check_available() if "--onnx-only" not in extra else None
     if reason:
         pytest.skip(f"{target}: {reason}")
     out = tmp_path / "artifact"
-    result = cli.invoke(app, ["build", "--target", target, "--precision", precision, "--out", str(out)])
+    result = cli.invoke(app, ["build", "--target", target, "--precision", precision, "--out", str(out), *extra])
     print(result.output)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())

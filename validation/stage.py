@@ -8,7 +8,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from exporter.manifest import read_manifest, write_manifest
+from exporter.errors import NotMeasurable
+from exporter.manifest import write_manifest
 from targets import registry
 from validation import latency, report
 from validation.gates import gates_for
@@ -54,6 +55,11 @@ def summary(rep: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _where(runner: Any, device: str, manifest: dict[str, Any]) -> str:
+    describe = getattr(runner, "describe_device", None)
+    return describe() if callable(describe) else f"{device} ({manifest['target']['name']})"
+
+
 def validate_artifact(artifact: Path, req: ValidateRequest, progress: Progress | None = None) -> dict[str, Any]:
     """Run parity and latency, write report.json/.md/.png into the artifact, update its manifest."""
     progress = progress or (lambda m, f: None)
@@ -82,7 +88,7 @@ def validate_artifact(artifact: Path, req: ValidateRequest, progress: Progress |
            "artifact": {"target": manifest["target"]["name"], "precision": manifest["target"]["precision"],
                         "device": device, "model": manifest["model"]["name"]},
            "fingerprint": latency.fingerprint(runner, manifest["tool"]),
-           "parity": _parity_section(result, level, f"{device} ({manifest['target']['name']})", gates_name),
+           "parity": _parity_section(result, level, _where(runner, device, manifest), gates_name),
            "latency": lat}
     report.write_all(artifact, rep)
     manifest["validation"] = summary(rep)
@@ -90,10 +96,14 @@ def validate_artifact(artifact: Path, req: ValidateRequest, progress: Progress |
     return rep
 
 
-def build_validator(device: str) -> Callable[[Path, dict[str, Any], Progress], dict[str, Any]]:
-    """The build's last step: validate the staged artifact on the build device."""
+def build_validator() -> Callable[[Path, dict[str, Any], Progress], dict[str, Any]]:
+    """The build's last step: validate the staged artifact on its build device. An artifact that
+    cannot run here is recorded as not validated, with the reason, and the build still succeeds."""
 
     def run(stage: Path, manifest: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        return summary(validate_artifact(stage, ValidateRequest(device=device), progress))
+        try:
+            return summary(validate_artifact(stage, ValidateRequest(), progress))
+        except NotMeasurable as exc:
+            return {"status": "not-run", "reason": str(exc)}
 
     return run
