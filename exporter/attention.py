@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 MASK_FLOOR = -30000.0  # exp(-30000) is 0 in every float dtype; -30000 is finite in fp16 and bf16
-_NO_POS = 1 << 40  # larger than any real position; marks rows with no valid token
+_NO_POS = 1 << 30  # larger than any real position, and int32-safe for backends without int64
 
 
 def slot_positions(positions: Tensor, capacity: int) -> Tensor:

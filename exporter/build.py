@@ -87,17 +87,26 @@ def copy_tokenizer(source: WeightSource, stage: Path) -> bool:
     return True
 
 
+def default_name(source: WeightSource, target: str, precision: str) -> str:
+    return f"{source.name}-{target}-{precision}"
+
+
 def build(req: BuildRequest, progress: Progress | None = None, validator: Validator | None = None,
-          prepared: tuple[WeightSource, TracedProgram] | None = None) -> BuildResult:
-    """Build one artifact at req.out (or the default path), whole or not at all."""
+          source: WeightSource | None = None, traces: dict[str, TracedProgram] | None = None) -> BuildResult:
+    """Build one artifact at req.out (or the default path), whole or not at all.
+
+    `source` and `traces` let several builds share one opened checkpoint and one trace per spec."""
     progress = progress or (lambda message, fraction: None)
     target, options, req = resolve_target(req)
-    source = prepared[0] if prepared else open_source(req.checkpoint, req.preset)
+    source = source or open_source(req.checkpoint, req.preset)
     capacity = capacity_for(source.config, req.max_context)
     progress("tracing", 0.0)
-    dtype = getattr(target, "trace_dtype", trace_dtype)(req.precision)
-    trace = prepared[1] if prepared else traced(TraceSpec(source.config, capacity, DTYPES[dtype]), req.use_cache)
-    out = req.out or ARTIFACTS_ROOT / f"{source.name}-{target.name}-{req.precision}"
+    spec = TraceSpec(source.config, capacity, DTYPES[getattr(target, "trace_dtype", trace_dtype)(req.precision)])
+    traces = {} if traces is None else traces
+    if spec.key() not in traces:
+        traces[spec.key()] = traced(spec, req.use_cache)
+    trace = traces[spec.key()]
+    out = req.out or ARTIFACTS_ROOT / default_name(source, target.name, req.precision)
     with staged(out, req.force) as stage:
         start = time.perf_counter()
         lowered = target.lower(LowerInput(trace.program, source.config, capacity, req.precision, source,

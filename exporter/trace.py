@@ -23,6 +23,8 @@ from torch.export import Dim, ExportedProgram
 
 from exporter import __version__
 from exporter.config import MistralConfig
+from exporter import attention as attention_module
+from exporter import model as model_module
 from exporter.model import MistralModel, empty_caches
 
 MAX_BATCH = 256
@@ -30,6 +32,14 @@ MAX_BATCH = 256
 
 def cache_root() -> Path:
     return Path(os.environ.get("MISTRAL_EXPORT_CACHE", Path.home() / ".cache" / "mistral-export"))
+
+
+def _graph_source_hash() -> str:
+    """The traced graph is a function of the model code too: a code change must miss the cache."""
+    digest = hashlib.sha256()
+    for module in (model_module, attention_module):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -42,7 +52,8 @@ class TraceSpec:
 
     def key(self) -> str:
         blob = json.dumps({"config": self.config.to_dict(), "capacity": self.capacity, "dtype": str(self.dtype),
-                           "tool": __version__, "torch": torch.__version__}, sort_keys=True)
+                           "tool": __version__, "torch": torch.__version__, "graph": _graph_source_hash()},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

@@ -6,6 +6,7 @@ Set MISTRAL_EXPORT_DEBUG=1 to see the full traceback of any error.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -22,6 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from exporter.build import BuildRequest, build
+from exporter.multi import ALL_AVAILABLE, expand_targets
 from exporter.errors import GateFailure, UserError
 from targets import registry
 
@@ -85,7 +87,7 @@ def parse_kv(items: list[str]) -> dict[str, str]:
 @app.command("build")
 @guarded
 def build_cmd(
-    target: Annotated[str, typer.Option(help="Target to lower to (see `mistral-export targets`).")],
+    target: Annotated[str, typer.Option(help="Target to lower to (see `mistral-export targets`); several as a,b,c or all-available: one trace, one artifact each under --out.")],
     checkpoint: Annotated[Path | None, typer.Option(help="Local Hugging Face folder (config.json, *.safetensors).")] = None,
     preset: Annotated[str | None, typer.Option(help="Built-in preset: tiny (default), mistral-7b-v0.1, mistral-7b-v0.3.")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32, fp16, bf16, or a target's quantized precision (int8, int4) [default: the target's first, see `targets`].")] = None,
@@ -111,6 +113,9 @@ def build_cmd(
     if validate:
         from validation.stage import build_validator
         validator = build_validator()
+    if "," in target or target == ALL_AVAILABLE:
+        _build_many(req, expand_targets(target), validator, json_out)
+        return
     with progress_bar(not json_out) as bar:
         result = build(req, bar, validator)
     summary = result.manifest["validation"]
@@ -123,6 +128,41 @@ def build_cmd(
                   f"validation: {summary['status']}", highlight=False)
     if summary.get("status") == "failed":
         raise GateFailure(f"validation gates failed; see {result.out}/report.md")
+
+
+def _build_many(req: BuildRequest, names: list[str], validator: Any, json_out: bool) -> None:
+    """One trace, one artifact per target under --out (default artifacts/), build-summary.json beside them."""
+    from exporter.multi import build_many, exit_code
+
+    if req.device and len(names) > 1:
+        raise UserError("--device applies to a single target; multi-target builds use each target's default")
+    bars: list[Any] = []
+
+    def progress_for(name: str) -> Callable[[str, float], None]:
+        if json_out:
+            return lambda message, fraction: None
+        bar = bars[0]
+        task = bar.add_task(name, total=1.0)
+        return lambda message, fraction: bar.update(task, description=f"{name}: {message[:50]}", completed=fraction)
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                   TimeElapsedColumn(), console=err)
+    bars.append(bar)
+    with bar if not json_out else contextlib.nullcontext():
+        summary = build_many(req, names, progress_for, validator)
+    if json_out:
+        print(json.dumps(summary, indent=2))
+    else:
+        table = Table("target", "status", "validation", "seconds", "artifact or error")
+        for row in summary["targets"]:
+            table.add_row(row["target"], row["status"], str(row.get("validation", "")), str(row["seconds"]),
+                          row.get("artifact") or row.get("error", ""))
+        out.print(table)
+        out.print(f"{summary['traces']} trace(s) for {len(names)} target(s) in {summary['total_seconds']} s",
+                  highlight=False)
+    code = exit_code(summary)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("targets")
@@ -293,6 +333,8 @@ def main() -> None:
         # Library deprecation chatter (torch internals) is not the user's concern; debug mode shows it.
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # Converters draw their own tqdm bars per pass; ours (rich) already report progress.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     app()
 
 
