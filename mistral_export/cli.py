@@ -287,6 +287,7 @@ def validate_cmd(
     device: Annotated[str | None, typer.Option(help="Device to validate on [default: the artifact's].")] = None,
     precision_gates: Annotated[str | None, typer.Option(help="Gate table row: fp32, fp16, bf16, int8, int4 [default: the artifact's precision].")] = None,
     reference_checkpoint: Annotated[Path | None, typer.Option(help="Original checkpoint, if not at its recorded path.")] = None,
+    reference_dtype: Annotated[str, typer.Option(help="Reference precision: auto (fp32 unless it would not fit in memory, then bf16 with gates no tighter than bf16's), fp32, bf16.")] = "auto",
     latency: Annotated[bool, typer.Option(help="Also measure latency.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print report.json to stdout.")] = False,
 ) -> None:
@@ -294,8 +295,10 @@ def validate_cmd(
     report.json, report.md and latency.png into the artifact."""
     from validation.stage import ValidateRequest, validate_artifact
 
+    if reference_dtype not in ("auto", "fp32", "bf16"):
+        raise UserError(f"--reference-dtype must be auto, fp32 or bf16, got {reference_dtype!r}")
     req = ValidateRequest(device=device, precision_gates=precision_gates, latency=latency,
-                          reference_checkpoint=reference_checkpoint)
+                          reference_checkpoint=reference_checkpoint, reference_dtype=reference_dtype)
     with progress_bar(not json_out) as bar:
         rep = validate_artifact(artifact, req, bar)
     if json_out:

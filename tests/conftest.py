@@ -68,12 +68,7 @@ def write_config(folder: Path, raw: dict[str, Any]) -> Path:
 
 
 def save_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A tiny word-level tokenizer (tokenizers library), saved the way HF folders carry one."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A tiny word-level tokenizer, saved the way HF folders carry one."""
+    from benchmarks.make_checkpoint import write_tokenizer
 
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab_size - 3)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}))
+    write_tokenizer(folder, vocab_size)

@@ -132,3 +132,17 @@ def test_gates_catch_planted_defects(artifact: Path, tmp_path: Path, plant) -> N
     rep = json.loads((folder / "report.json").read_text())
     assert rep["parity"]["status"] == "failed" and rep["parity"]["failures"]
     assert read_manifest(folder)["validation"]["status"] == "failed"
+
+
+def test_bf16_reference_is_recorded_and_gates_loosened(artifact: Path, tmp_path: Path) -> None:
+    """At scale the reference runs in bf16 (an fp32 7B would not fit); the report says so and the gates
+    are no tighter than bf16's."""
+    folder = _copy(artifact, tmp_path / "a")
+    result = _validate(folder, "--reference-dtype", "bf16")
+    rep = json.loads((folder / "report.json").read_text())
+    parity = rep["parity"]
+    print("fp32 artifact vs bf16 reference:", parity["worst"])
+    assert parity["reference"] == "canonical program, bfloat16"
+    assert parity["precision_gates"] == "fp32+bf16-reference" and parity["gates"]["max_abs"] == GATES["bf16"]["max_abs"]
+    assert result.exit_code == 0 and parity["status"] == "passed"
+    jsonschema.validate(json.loads((folder / "report.json").read_text()), REPORT_SCHEMA)

@@ -48,6 +48,12 @@ def gates_for(precision: str) -> dict[str, float]:
     return GATES[key]
 
 
+def loosest(*rows: dict[str, float]) -> dict[str, float]:
+    """Per metric, the most permissive of several rows: used when the reference itself is bf16, so
+    the target can be held to no more than what a bf16 reference can resolve."""
+    return {m: (max if m in UPPER else min)(row[m] for row in rows) for m in rows[0]}
+
+
 @dataclass(frozen=True)
 class GateFailureItem:
     """One broken threshold: which metric, at which step, its value and the bound."""

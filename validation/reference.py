@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from exporter.checkpoint import CheckpointFolder, PresetWeights, WeightSource
+from exporter.checkpoint import CheckpointFolder, PresetWeights, WeightSource, expected_shapes
 from exporter.config import MistralConfig
 from exporter.errors import UserError
 from exporter.trace import TraceSpec, bind, traced
@@ -32,10 +33,28 @@ def source_from_manifest(manifest: dict[str, Any], checkpoint: Path | None = Non
     return source
 
 
-def reference_runner(manifest: dict[str, Any], source: WeightSource) -> ProgramRunner:
-    """fp32 canonical program at the artifact's cache capacity, weights bound by name."""
+# Share of host memory an fp32 reference may take; above it the reference runs in bf16.
+FP32_BUDGET = 0.35
+
+
+def reference_dtype(manifest: dict[str, Any], choice: str = "auto") -> torch.dtype:
+    """fp32 unless its weights would take more than FP32_BUDGET of this machine's memory (a 7B model
+    needs 28 GB in fp32). bf16 weights of a bf16 checkpoint bind as memory-mapped, file-backed pages,
+    so the reference then adds no second resident copy of the model next to the target's."""
+    if choice != "auto":
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]
+    import psutil
+
+    cfg = MistralConfig(**manifest["model"]["config"])
+    params = sum(math.prod(s) for s in expected_shapes(cfg).values())
+    return torch.float32 if 4 * params <= FP32_BUDGET * psutil.virtual_memory().total else torch.bfloat16
+
+
+def reference_runner(manifest: dict[str, Any], source: WeightSource,
+                     dtype: torch.dtype = torch.float32) -> ProgramRunner:
+    """The canonical program at the artifact's cache capacity, weights bound by name."""
     cfg = MistralConfig(**manifest["model"]["config"])
     capacity = manifest["cache"]["capacity"]
-    program = traced(TraceSpec(cfg, capacity, torch.float32)).program
-    bind(program, lambda name: source.parameter(name, torch.float32))
+    program = traced(TraceSpec(cfg, capacity, dtype)).program
+    bind(program, lambda name: source.parameter(name, dtype))
     return ProgramRunner(program, capacity, cfg.sliding_window)

@@ -8,13 +8,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from exporter.errors import NotMeasurable
 from exporter.manifest import write_manifest
 from targets import registry
 from validation import latency, report
-from validation.gates import gates_for
+from validation.gates import gates_for, loosest
 from validation.parity import ParityResult, compare, default_case
-from validation.reference import reference_runner, source_from_manifest
+from validation.reference import reference_dtype, reference_runner, source_from_manifest
 
 Progress = Callable[[str, float], None]
 
@@ -28,14 +30,17 @@ class ValidateRequest:
     parity: bool = True
     latency: bool = True
     reference_checkpoint: Path | None = None
+    reference_dtype: str = "auto"
     new_tokens: int = 20
 
 
-def _parity_section(result: ParityResult | None, level: str, measured_on: str, gates_name: str) -> dict[str, Any]:
+def _parity_section(result: ParityResult | None, level: str, measured_on: str, gates_name: str,
+                    ref_dtype: torch.dtype) -> dict[str, Any]:
     if result is None:
         return {"status": "not-run", "level": level}
     return {"status": "passed" if result.passed else "failed", "level": level, "measured_on": measured_on,
             "precision_gates": gates_name, "gates": result.gates, "case": result.case.describe(),
+            "reference": "canonical program, " + str(ref_dtype).removeprefix("torch."),
             "worst": result.worst(), "generation": result.generation,
             "steps": [s.to_dict() for s in result.steps], "failures": [f.to_dict() for f in result.failures]}
 
@@ -72,6 +77,10 @@ def validate_artifact(artifact: Path, req: ValidateRequest, progress: Progress |
     gates = gates_for(gates_name)
     cfg = manifest["model"]["config"]
     result = None
+    ref_dtype = reference_dtype(manifest, req.reference_dtype)
+    if ref_dtype != torch.float32:
+        gates_name = f"{gates_name}+bf16-reference"
+        gates = loosest(gates, gates_for("bf16"))
     if req.parity:
         source = source_from_manifest(manifest, req.reference_checkpoint)
         tokenizer = None
@@ -79,7 +88,7 @@ def validate_artifact(artifact: Path, req: ValidateRequest, progress: Progress |
             from validation.text import load_tokenizer
             tokenizer = load_tokenizer(artifact / manifest["model"]["tokenizer"])
         case = default_case(runner.capacity, runner.window, cfg["vocab_size"], tokenizer, req.new_tokens)
-        result = compare(reference_runner(manifest, source), runner, case, gates, progress)
+        result = compare(reference_runner(manifest, source, ref_dtype), runner, case, gates, progress)
     lat: dict[str, Any] = {"status": "not-run", "level": level}
     if req.latency:
         lat = {"status": "measured", "level": level, **latency.measure(runner, cfg["vocab_size"], progress=progress)}
@@ -88,7 +97,7 @@ def validate_artifact(artifact: Path, req: ValidateRequest, progress: Progress |
            "artifact": {"target": manifest["target"]["name"], "precision": manifest["target"]["precision"],
                         "device": device, "model": manifest["model"]["name"]},
            "fingerprint": latency.fingerprint(runner, manifest["tool"]),
-           "parity": _parity_section(result, level, _where(runner, device, manifest), gates_name),
+           "parity": _parity_section(result, level, _where(runner, device, manifest), gates_name, ref_dtype),
            "latency": lat}
     report.write_all(artifact, rep)
     manifest["validation"] = summary(rep)

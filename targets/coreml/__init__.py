@@ -58,7 +58,8 @@ class CoreMLTarget:
         return {f"cpu/{p}": "iOS18 scaled_dot_product_attention, fp16 MLState KV cache" for p in self.precisions}
 
     def trace_dtype(self, precision: str) -> str:
-        # coremltools casts to fp16 itself (compute_precision); the trace stays fp32.
+        # coremltools casts to fp16 itself (compute_precision); its torch frontend mixes dtypes
+        # inside SDPA when handed an fp16 program, so the trace stays fp32.
         return "fp32"
 
     @staticmethod

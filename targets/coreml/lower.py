@@ -9,6 +9,7 @@ model, and adds no math besides the fp16 casts that Core ML's state type require
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -45,9 +46,10 @@ def state_name(kind: str, layer: int) -> str:
 class StatefulWrapper(nn.Module):
     """Holds the KV caches as fp16 buffers (Core ML states) around the canonical graph."""
 
-    def __init__(self, graph: nn.Module, cfg: MistralConfig, capacity: int) -> None:
+    def __init__(self, graph: nn.Module, cfg: MistralConfig, capacity: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.canonical = graph
+        self.dtype = dtype
         self.layers = cfg.num_hidden_layers
         shape = (1, cfg.num_key_value_heads, capacity, cfg.head_dim)
         for i in range(self.layers):
@@ -55,8 +57,8 @@ class StatefulWrapper(nn.Module):
             self.register_buffer(state_name("v", i), torch.zeros(shape, dtype=torch.float16))
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        ks = [getattr(self, state_name("k", i)).float() for i in range(self.layers)]
-        vs = [getattr(self, state_name("v", i)).float() for i in range(self.layers)]
+        ks = [getattr(self, state_name("k", i)).to(self.dtype) for i in range(self.layers)]
+        vs = [getattr(self, state_name("v", i)).to(self.dtype) for i in range(self.layers)]
         logits, new_k, new_v = self.canonical(input_ids, positions, ks, vs)
         for i in range(self.layers):
             getattr(self, state_name("k", i)).copy_(new_k[i].half())
@@ -83,10 +85,12 @@ def lower_to_mlpackage(inp: LowerInput, out: Path, compress: Any) -> dict[str, A
     ct = quiet_coremltools()
     program = inp.program()
     names = list(program.state_dict)
-    # coremltools needs every weight in the torch program: this is the one full copy (documented).
-    bind(program, lambda name: inp.weight(name).float())
+    # coremltools needs every weight in the torch program: this is the one full copy (documented),
+    # in the traced dtype (fp16 unless the precision is fp32).
+    bind(program, inp.weight)
+    dtype = next(iter(program.state_dict.values())).dtype
     graph = decompose(program, expand_gqa=True).module()
-    wrapper = StatefulWrapper(graph, inp.config, inp.capacity)
+    wrapper = StatefulWrapper(graph, inp.config, inp.capacity, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         descriptor = ct.utils.MultiFunctionDescriptor()
         for i, (function, chunk) in enumerate(FUNCTIONS.items()):
@@ -95,6 +99,8 @@ def lower_to_mlpackage(inp: LowerInput, out: Path, compress: Any) -> dict[str, A
                                       inp.options.deployment_target))
             path = Path(tmp) / f"{function}.mlpackage"
             model.save(str(path))
+            del model  # the next conversion should not stack on this one's weight copies
+            gc.collect()
             descriptor.add_function(str(path), src_function_name="main", target_function_name=function)
         descriptor.default_function_name = "decode"
         inp.progress("coreml: merging functions", len(FUNCTIONS) / (len(FUNCTIONS) + 1))
