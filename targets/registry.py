@@ -17,7 +17,7 @@ ENTRY_POINT_GROUP = "mistral_export.targets"
 
 BUILTIN: dict[str, str] = {
     "reference": "targets.reference:ReferenceTarget",
-    "onnxruntime": "targets.onnxruntime:OnnxRuntimeTarget",
+    "onnxruntime": "targets.onnxruntime.target:OnnxRuntimeTarget",
 }
 
 

@@ -18,9 +18,20 @@ from targets import registry
 
 cli = CliRunner()
 
+# The tiny preset's random logits are near-flat (top-1/top-2 gap as small as 1% of their spread), so
+# weight-only int8/int4 noise flips the argmax of some decode positions and the per-step top1 gates
+# fail though KL and cosine pass by orders of magnitude; tests/test_onnxruntime.py checks those
+# artifacts exactly against their dequantized weights instead. Strict: a pass here must be noticed.
+_TIE_FLIPS = pytest.mark.xfail(strict=True, reason="tiny preset logits are near-ties: per-step top1 gate "
+                               "fails under weight-only quantization noise (KL <= 4e-4, cosine >= 0.98)")
+
 CASES = [
     ("reference", "fp32"),
     ("reference", "bf16"),
+    ("onnxruntime", "fp32"),
+    ("onnxruntime", "fp16"),
+    pytest.param("onnxruntime", "int8", marks=_TIE_FLIPS),
+    pytest.param("onnxruntime", "int4", marks=_TIE_FLIPS),
 ]
 
 

@@ -1,5 +1,3 @@
-"""ONNX Runtime target (see target.py)."""
+"""ONNX Runtime target: target.py (the contract), lower.py and passes/ (the graph), runner.py.
 
-from targets.onnxruntime.target import OnnxRuntimeOptions, OnnxRuntimeTarget
-
-__all__ = ["OnnxRuntimeOptions", "OnnxRuntimeTarget"]
+Kept import-free so the runner can be loaded without torch (benchmarks/ runs it in workers)."""

@@ -85,13 +85,14 @@ def _graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) -> tupl
     if attention == kernels.GQA:
         genai_io(model, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size)
         extra["cache_buffer_rows"] = buffer_rows(inp.capacity, options.cache_slack)
-        if options.fuse_rotary:
+        if options.fuse_rotary and cfg.head_dim % 16 == 0:  # GQA's rotary kernel needs head_size % 16 == 0
             rows = max(cfg.max_position_embeddings, inp.capacity)
             fused = fuse_rotary(model, cfg, rows, dtype)
             if fused != cfg.num_hidden_layers:
                 raise RuntimeError(f"RoPE folded into {fused} of {cfg.num_hidden_layers} GQA nodes: "
                                    "the graph pattern changed")
             extra["rotary_positions"] = rows
+        extra["rotary"] = "GroupQueryAttention do_rotary" if "rotary_positions" in extra else "graph (Mul/Add)"
     else:
         canonical_io(model, cfg.num_hidden_layers)
     drop_reshape_roundtrips(model)

@@ -51,6 +51,7 @@ class _BaseRunner:
         self.vocab = next(o for o in sess.get_outputs() if o.name == "logits").shape[-1]
         self.batch = 0
         self._io: ort.IOBinding | None = None
+        self._inputs = {i.name for i in sess.get_inputs()}  # position_ids is optional (RoPE inside GQA)
 
     def _buffer(self, rows: int) -> ort.OrtValue:
         shape = [self.batch, self.kv_heads, rows, self.head_dim]
@@ -113,7 +114,8 @@ class GqaRunner(_BaseRunner):
             raise UserError(f"position {held.max() - 1} is past the rotary table ({self.rotary_rows} positions, "
                             "max_position_embeddings); rebuild with --option fuse_rotary=false for longer sequences")
         mask = (np.arange(held.max())[None, :] < held[:, None]).astype(np.int64)
-        logits = self._run({"input_ids": ids, "attention_mask": mask, "position_ids": pos}, ids.shape[1])
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        logits = self._run({k: v for k, v in feeds.items() if k in self._inputs}, ids.shape[1])
         self.lengths = held
         return logits
 

@@ -32,7 +32,8 @@ class OnnxRuntimeOptions:
     symmetric: bool = True  # int4/int8: symmetric blocks (no zero points)
     accuracy_level: int = 4  # int4/int8: MatMulNBits accuracy_level (4: int8 activations, CPU VNNI)
     quantize_lm_head: bool = True  # int4/int8: lm_head as MatMulNBits too (the embedding stays float)
-    fuse_rotary: bool = True  # GQA: RoPE inside GQA (tables bound positions by max_position_embeddings)
+    fuse_rotary: bool = True  # GQA: RoPE inside GQA when head_dim % 16 == 0 (tables bound positions by
+    #                           max_position_embeddings); else RoPE stays in the graph
     pack_matmuls: bool = True  # GQA: one MatMul for q/k/v and one for gate/up
     intra_op_threads: int = 0  # runner: ORT intra-op threads (0: ORT's default, one per core)
     cache_slack: int = -1  # runner: cache rows over the window (GQA compacts every slack+1 steps); -1: auto
