@@ -19,6 +19,7 @@ BUILTIN: dict[str, str] = {
     "reference": "targets.reference:ReferenceTarget",
     "coreml": "targets.coreml:CoreMLTarget",
     "tensorrt": "targets.tensorrt:TensorRTTarget",
+    "onnxruntime": "targets.onnxruntime.target:OnnxRuntimeTarget",
 }
 
 

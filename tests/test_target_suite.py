@@ -30,6 +30,10 @@ CASES = [
     ("coreml", "int8", []),
     ("tensorrt", "fp16", _tensorrt_args()),
     ("tensorrt", "fp32", _tensorrt_args()),
+    ("onnxruntime", "fp32", []),
+    ("onnxruntime", "fp16", []),
+    ("onnxruntime", "int8", []),
+    ("onnxruntime", "int4", []),
 ]
 
 

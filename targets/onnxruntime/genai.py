@@ -1,0 +1,49 @@
+"""genai_config.json: what onnxruntime-genai's og.Model needs to run the GQA form unchanged.
+
+The names are the graph's own (passes/io.py). The sliding_window section tells genai to allocate a
+window-sized past/present buffer (GQA sliding_window_cache) instead of one of max_length rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from exporter.config import MistralConfig
+
+FILENAME = "genai_config.json"
+
+
+def genai_config(cfg: MistralConfig, model_file: str, context: int, window: int | None, provider: str) -> dict[str, Any]:
+    decoder: dict[str, Any] = {
+        "session_options": {"log_id": "onnxruntime-genai",
+                            "provider_options": [] if provider == "cpu" else [{provider: {}}]},
+        "filename": model_file,
+        "head_size": cfg.head_dim,
+        "hidden_size": cfg.hidden_size,
+        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                   "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+        "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value"},
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_key_value_heads": cfg.num_key_value_heads,
+    }
+    if window:
+        decoder["sliding_window"] = {"window_size": window, "slide_key_value_cache": False, "slide_inputs": False,
+                                     "layers": list(range(cfg.num_hidden_layers)), "cache_slack": 0}
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None else -1
+    return {
+        "model": {"bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else -1,
+                  "context_length": context, "decoder": decoder, "eos_token_id": eos, "pad_token_id": eos,
+                  "type": "mistral", "vocab_size": cfg.vocab_size},
+        "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "early_stopping": True,
+                   "length_penalty": 1.0, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+                   "diversity_penalty": 0.0, "no_repeat_ngram_size": 0},
+    }
+
+
+def write_genai_config(out_dir: Path, config: dict[str, Any]) -> None:
+    (out_dir / FILENAME).write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,135 @@
+"""lower(): program -> ONNX graph -> passes -> model.onnx + model.onnx.data (+ genai_config.json)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from exporter.build import trace_dtype
+from exporter.checkpoint import DTYPES
+from exporter.contract import CacheContract, TensorSpec
+from exporter.errors import UserError
+from targets.base import LowerInput, Lowered
+from targets.onnxruntime import kernels
+from targets.onnxruntime.export import quiet, to_onnx
+from targets.onnxruntime.genai import genai_config, write_genai_config
+from targets.onnxruntime.passes.io import canonical_io, genai_io
+from targets.onnxruntime.passes.packing import pack_linears
+from targets.onnxruntime.passes.reshapes import drop_reshape_roundtrips
+from targets.onnxruntime.passes.rotary import fuse_rotary
+from targets.onnxruntime.passes.weights import bind_weights
+from targets.onnxruntime.quantize import BITS, QuantSpec
+from targets.onnxruntime.target import DATA_FILE, MODEL_FILE, OnnxRuntimeOptions
+
+
+def quant_spec(precision: str, options: OnnxRuntimeOptions) -> QuantSpec | None:
+    if precision not in BITS:
+        return None
+    block = options.block_size
+    if block < 16 or block & (block - 1):
+        raise UserError(f"option block_size={block} must be a power of two >= 16 (MatMulNBits)")
+    if options.accuracy_level not in range(5):
+        raise UserError(f"option accuracy_level={options.accuracy_level} must be 0..4 (MatMulNBits)")
+    return QuantSpec(BITS[precision], block, options.symmetric, options.accuracy_level)
+
+
+def buffer_rows(capacity: int, slack: int) -> int:
+    """Rows of the GQA cache buffer: the window plus slack (auto: an eighth, at least 8)."""
+    if slack < -1:
+        raise UserError(f"option cache_slack={slack} must be -1 (auto) or >= 0")
+    return capacity + (max(8, capacity // 8) if slack == -1 else slack)
+
+
+def io_specs(model: ir.Model) -> list[TensorSpec]:
+    """The graph's inputs and outputs as the manifest's IO contract."""
+    def role(name: str, output: bool) -> str:
+        if name.startswith(("past", "present")):
+            kind = "key" if "key" in name.rsplit(".", 1)[-1] or "_key" in name else "value"
+            return f"cache_{'out' if output else 'in'}:{kind}:{''.join(c for c in name if c.isdigit())}"
+        return {"position_ids": "positions (-1 = padding)", "positions": "positions (-1 = padding)",
+                "attention_mask": "attention_mask (1 per token held, past and current)"}.get(name, name)
+
+    def spec(v: ir.Value, output: bool) -> TensorSpec:
+        dims = tuple(d if isinstance(d, int) else str(d) for d in (v.shape or ()))
+        return TensorSpec(v.name or "", str(v.dtype).removeprefix("DataType.").lower(), dims, role(v.name or "", output))
+
+    return [spec(v, False) for v in model.graph.inputs] + [spec(v, True) for v in model.graph.outputs]
+
+
+def cache_contract(inp: LowerInput, dtype: str, attention: str) -> CacheContract:
+    cfg = inp.config
+    if attention == kernels.GQA:
+        layout = ("BNSH[batch,kv_heads,buffer,head_dim]: GQA sliding_window_cache, the most recent positions "
+                  "contiguous from row 0 (not a ring); buffer = capacity + slack")
+        residence = "runner-held, shared past/present buffer updated in place"
+    else:
+        layout, residence = "BNSH[batch,kv_heads,capacity,head_dim] ring at position % capacity", "explicit-io"
+    return CacheContract(capacity=inp.capacity, window=cfg.sliding_window, layout=layout, dtype=dtype,
+                         num_layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads,
+                         head_dim=cfg.head_dim, residence=residence)
+
+
+def _graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) -> tuple[ir.Model, dict[str, Any]]:
+    """The ONNX model with its passes applied, and what the manifest records about them."""
+    cfg = inp.config
+    dtype = DTYPES[trace_dtype(inp.precision)]
+    inp.progress("onnx: translating the program", 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation, raised by deepcopy
+        program = inp.program()
+        model = to_onnx(program, cfg, inp.capacity, attention)
+    extra: dict[str, Any] = {}
+    if attention == kernels.GQA:
+        genai_io(model, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size)
+        extra["cache_buffer_rows"] = buffer_rows(inp.capacity, options.cache_slack)
+        if options.fuse_rotary and cfg.head_dim % 16 == 0:  # GQA's rotary kernel needs head_size % 16 == 0
+            rows = max(cfg.max_position_embeddings, inp.capacity)
+            fused = fuse_rotary(model, cfg, rows, dtype)
+            if fused != cfg.num_hidden_layers:
+                raise RuntimeError(f"RoPE folded into {fused} of {cfg.num_hidden_layers} GQA nodes: "
+                                   "the graph pattern changed")
+            extra["rotary_positions"] = rows
+        extra["rotary"] = "GroupQueryAttention do_rotary" if "rotary_positions" in extra else "graph (Mul/Add)"
+    else:
+        canonical_io(model, cfg.num_hidden_layers)
+    drop_reshape_roundtrips(model)
+    if options.pack_matmuls:
+        extra["packed_matmuls"] = pack_linears(model)
+    return model, extra
+
+
+def lower_to_files(inp: LowerInput, out_dir: Path) -> Lowered:
+    options: OnnxRuntimeOptions = inp.options
+    chosen = kernels.choose(inp.device, inp.precision, options.attention)
+    quant = quant_spec(inp.precision, options)
+    with quiet():
+        model, extra = _graph(inp, options, chosen.attention)
+        keep_float = (lambda names: names == ("lm_head.weight",)) if not options.quantize_lm_head else (lambda names: False)
+        bind_weights(model, inp.weight, quant, keep_float)
+    model.producer_name = "mistral-export"
+    total = len(model.graph.initializers)
+    done = iter(range(1, total + 1))
+
+    def written(tensor: ir.TensorProtocol, _: object) -> None:
+        inp.progress(f"onnx: writing {tensor.name}", next(done) / total)
+
+    ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE, callback=written)
+    if chosen.attention == kernels.GQA:
+        window = inp.config.sliding_window
+        context = extra.get("rotary_positions", inp.config.max_position_embeddings) if window else inp.capacity
+        write_genai_config(out_dir, genai_config(inp.config, MODEL_FILE, context, window, inp.device))
+    dtype = "fp16" if inp.precision == "fp16" else "bf16" if inp.precision == "bf16" else "fp32"
+    extra.update(attention=chosen.attention, kernels={inp.device: chosen.describe()},
+                 quantization=None if quant is None else quant.__dict__, graph_ops=_op_counts(model))
+    return Lowered(io=io_specs(model), cache=cache_contract(inp, dtype, chosen.attention), extra=extra)
+
+
+def _op_counts(model: ir.Model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model.graph:
+        key = f"{n.domain}::{n.op_type}" if n.domain else n.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))

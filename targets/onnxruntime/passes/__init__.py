@@ -1,0 +1,1 @@
+"""Graph passes over the exported ONNX IR model, each a function (model, ...) -> None, in place."""

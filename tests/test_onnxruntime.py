@@ -1,0 +1,187 @@
+"""ONNX Runtime target: parity past the window on a ragged batch, the graph really uses
+GroupQueryAttention, the opset-23 fallback, int4/int8 exactness against their dequantized weights,
+and refusal of bad artifacts and unsupported pairs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from exporter.build import BuildRequest, build
+from exporter.errors import ArtifactError, UserError
+from targets import registry
+from validation.gates import gates_for
+from validation.parity import compare, default_case
+
+from .conftest import canonical_runner, hf_model, save_checkpoint
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    # TINY_HF (window 4, 2 layers, 4/2 heads, vocab 96) with head_dim 16: GQA's rotary kernel needs 16 | D.
+    return hf_model(seed=3, head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_checkpoint(model, tmp_path_factory.mktemp("ort") / "tiny-hf")
+
+
+def _build(checkpoint: Path, out: Path, precision: str = "fp32", **options: object) -> Path:
+    build(BuildRequest(target="onnxruntime", checkpoint=checkpoint, precision=precision, out=out,
+                       options={k: str(v) for k, v in options.items()}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32_artifact(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(checkpoint, tmp_path_factory.mktemp("ort") / "fp32")
+
+
+@pytest.fixture(scope="module")
+def reference(model: Any) -> Any:
+    """The canonical fp32 program with the checkpoint's weights: the independent reference."""
+    return canonical_runner(model)
+
+
+def _parity(model: Any, artifact: Path, precision: str, reference: Any) -> Any:
+    _, runner = registry.load_runner(artifact)
+    case = default_case(runner.capacity, runner.window, model.config.vocab_size)
+    result = compare(reference, runner, case, gates_for(precision))
+    print(f"{artifact.name}: lengths {case.describe()['prompt_lengths']}, worst {result.worst()}, "
+          f"free-running {result.generation['free_running_match']}")
+    return result
+
+
+def _ops(artifact: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph.node]
+
+
+def test_fp32_parity_past_window_ragged_batch(model: Any, fp32_artifact: Path, reference: Any) -> None:
+    result = _parity(model, fp32_artifact, "fp32", reference)
+    lengths = result.case.describe()["prompt_lengths"]
+    assert len(lengths) == 2 and lengths[0] != lengths[1] and max(lengths) > 2 * model.config.sliding_window
+    assert result.passed, [str(f) for f in result.failures]
+    assert result.worst()["max_abs"] <= 1e-4
+    assert result.generation["reference_tokens"] == result.generation["target_tokens"]
+
+
+def test_rope_kept_in_graph_parity(model: Any, checkpoint: Path, reference: Any, tmp_path: Path) -> None:
+    artifact = _build(checkpoint, tmp_path / "rope-in-graph", fuse_rotary=False)
+    assert _ops(artifact).count("GroupQueryAttention") == model.config.num_hidden_layers and "Cos" in _ops(artifact)
+    result = _parity(model, artifact, "fp32", reference)
+    assert result.passed and result.worst()["max_abs"] <= 1e-4
+
+
+def test_cpu_fp32_graph_is_gqa_without_softmax_attention(model: Any, fp32_artifact: Path) -> None:
+    ops = _ops(fp32_artifact)
+    layers = model.config.num_hidden_layers
+    assert ops.count("GroupQueryAttention") == layers
+    assert not {"Softmax", "Attention", "ScatterElements", "ScatterND", "Transpose"} & set(ops), sorted(set(ops))
+    graph = onnx.load(str(fp32_artifact / "model.onnx"), load_external_data=False).graph
+    gqa = next(n for n in graph.node if n.op_type == "GroupQueryAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+    assert attrs["local_window_size"] == model.config.sliding_window and attrs["sliding_window_cache"] == 1
+    assert attrs["do_rotary"] == 1 and gqa.input[1] == gqa.input[2] == ""  # RoPE fused, packed q/k/v
+    assert [i.name for i in graph.input][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert any(i.data_location == onnx.TensorProto.EXTERNAL for i in graph.initializer)
+
+
+def test_onnx_attention_fallback_parity(model: Any, checkpoint: Path, reference: Any, tmp_path: Path) -> None:
+    artifact = _build(checkpoint, tmp_path / "fallback", attention="onnx-attention")
+    ops = _ops(artifact)
+    assert ops.count("Attention") == model.config.num_hidden_layers and "GroupQueryAttention" not in ops
+    result = _parity(model, artifact, "fp32", reference)
+    assert result.passed and result.worst()["max_abs"] <= 1e-4
+
+
+def _dequantized(artifact: Path, bits: int) -> dict[str, torch.Tensor]:
+    """Canonical weights rebuilt from the artifact's MatMulNBits blocks (symmetric: zero point 2^(bits-1))."""
+    m = onnx.load(str(artifact / "model.onnx"))
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    out = {}
+    for node in m.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        packed, scales = init[node.input[1]], init[node.input[2]]
+        n, k = attrs["N"], attrs["K"]
+        q = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n, -1) if bits == 4 else packed.reshape(n, -1)
+        blocks = q.reshape(n, scales.shape[1], -1).astype(np.float32) - 2 ** (bits - 1)
+        weight = (blocks * scales[:, :, None]).reshape(n, -1)[:, :k]
+        out[node.input[1].removesuffix(".MatMul.weight_B") + ".weight"] = torch.from_numpy(weight.copy())
+    return out
+
+
+@pytest.mark.parametrize("precision,bits", [("int8", 8), ("int4", 4)])
+def test_quantized_graph_equals_its_dequantized_weights(model: Any, checkpoint: Path, reference: Any,
+                                                        tmp_path: Path, precision: str, bits: int) -> None:
+    """MatMulNBits computes exactly the canonical model on the quantizer's dequantized weights
+    (accuracy_level 0: fp32 activations), so the lowering adds no error beyond quantization."""
+    artifact = _build(checkpoint, tmp_path / precision, precision, accuracy_level=0, pack_matmuls=False)
+    assert _ops(artifact).count("MatMulNBits") == 7 * model.config.num_hidden_layers + 1  # + lm_head
+    weights = _dequantized(artifact, bits)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    assert set(weights) < set(state)
+    dequantized = hf_model(seed=3, head_dim=16)
+    dequantized.load_state_dict({**state, **weights})
+    exact = _parity(model, artifact, "fp32", reference=canonical_runner(dequantized))
+    assert exact.worst()["max_abs"] <= 1e-4
+    vs_fp32 = _parity(model, artifact, precision, reference)
+    gates = gates_for(precision)
+    assert vs_fp32.worst()["kl"] <= gates["kl"] and vs_fp32.worst()["cosine"] >= gates["cosine"]
+
+
+def test_bad_artifact_files_are_refused(fp32_artifact: Path, tmp_path: Path) -> None:
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(fp32_artifact, tmp_path / name))
+
+    corrupt = copy("corrupt")
+    data = bytearray((corrupt / "model.onnx.data").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (corrupt / "model.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="model.onnx.data: sha256 differs"):
+        registry.load_runner(corrupt)
+
+    truncated = copy("truncated")
+    with open(truncated / "model.onnx", "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(ArtifactError, match=r"model.onnx: 100 bytes, manifest says \d+ \(truncated\?\)"):
+        registry.load_runner(truncated)
+
+    swapped = copy("swapped")  # a well-formed file that is not the one the manifest hashed
+    shutil.copy(swapped / "genai_config.json", swapped / "model.onnx.data")
+    with pytest.raises(ArtifactError, match="model.onnx.data"):
+        registry.load_runner(swapped)
+
+
+def test_unsupported_pairs_fail_before_work(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not support precision 'bf16' on 'cpu'; supported: cpu: fp32, fp16, int8, int4"):
+        _build(checkpoint, tmp_path / "bf16", "bf16")
+    with pytest.raises(UserError, match="does not support device 'tpu'"):
+        build(BuildRequest(target="onnxruntime", checkpoint=checkpoint, device="tpu", out=tmp_path / "tpu"))
+    with pytest.raises(UserError, match="block_size=24 must be a power of two"):
+        _build(checkpoint, tmp_path / "block", "int4", block_size=24)
+    from targets.onnxruntime.kernels import choose
+
+    with pytest.raises(UserError, match="GroupQueryAttention has no cuda kernel for fp32"):
+        choose("cuda", "fp32", "gqa")
+    assert not (tmp_path / "bf16").exists() and not (tmp_path / "block").exists()
+
+
+def test_runner_refuses_positions_that_skip_tokens(fp32_artifact: Path) -> None:
+    _, runner = registry.load_runner(fp32_artifact)
+    runner.reset(1)
+    runner.step(np.array([[5, 6, 7]]), np.array([[0, 1, 2]]))
+    with pytest.raises(UserError, match="continue each row"):
+        runner.step(np.array([[8]]), np.array([[4]]))
+    with pytest.raises(UserError, match="right-padded"):
+        runner.step(np.array([[8, 9]]), np.array([[-1, 3]]))
