@@ -17,6 +17,7 @@ ENTRY_POINT_GROUP = "mistral_export.targets"
 
 BUILTIN: dict[str, str] = {
     "reference": "targets.reference:ReferenceTarget",
+    "openvino": "targets.openvino:OpenVinoTarget",
 }
 
 
