@@ -18,9 +18,19 @@ from targets import registry
 
 cli = CliRunner()
 
+# On the tiny preset a decode step compares 2 positions, so one argmax flip gives top1 0.5. Weight-only
+# int8/int4 flip near-ties: at decode steps where the fp32 reference's top-2 logits differ by 0.0008-0.002,
+# under a max |logit error| of 0.007-0.009 (int8) and 0.08 (int4). The gate table is left as it is.
+NEAR_TIE = pytest.mark.xfail(strict=True, reason="per-step top1 gate flips on near-tied logits of the tiny preset")
+
 CASES = [
     ("reference", "fp32"),
     ("reference", "bf16"),
+    ("openvino", "fp32"),
+    ("openvino", "fp16"),
+    ("openvino", "bf16"),
+    pytest.param("openvino", "int8", marks=NEAR_TIE),
+    pytest.param("openvino", "int4", marks=NEAR_TIE),
 ]
 
 
