@@ -37,7 +37,9 @@ def measure(cmd: list[str], out: Path) -> dict[str, float | str]:
         wall = time.perf_counter() - start
         peak_kb = int(stats.read().strip().splitlines()[-1])
     if proc.returncode != 0:
-        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:200], "wall_s": wall}
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        reason = lines[-1][:200] if lines else f"exit code {proc.returncode} (killed by the OS, e.g. out of memory?)"
+        return {"error": reason, "wall_s": wall, "peak_rss_gb": peak_kb / 2**20}
     size = weight_bytes(out)
     shutil.rmtree(out, ignore_errors=True)
     return {"peak_rss_gb": peak_kb / 2**20, "wall_s": wall, "weights_gb": size / 2**30,
@@ -94,7 +96,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for name, precision, r in rows:
         if "error" in r:
-            print(f"| {name} | {precision} | failed: {r['error']} | | | {r['wall_s']:.0f} |")
+            print(f"| {name} | {precision} | failed at {r.get('peak_rss_gb', 0):.2f}: {r['error']} | | | "
+                  f"{r['wall_s']:.0f} |")
         else:
             print(f"| {name} | {precision} | {r['peak_rss_gb']:.2f} | {r['weights_gb']:.2f} | {r['ratio']:.2f}x | "
                   f"{r['wall_s']:.0f} |")
