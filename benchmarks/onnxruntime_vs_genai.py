@@ -5,10 +5,12 @@ written as a Hugging Face folder with a tokenizer and ``layer_types`` (without t
 drops the window). Both artifacts are driven by the same harness: an InferenceSession with the same
 threads, IO binding and a shared, window-sized past/present buffer of the same rows
 (targets/onnxruntime/runner.py; the builder's graph has the same IO names minus position_ids).
-Each model lives in its own worker process (so peak RSS is per model); rounds interleave the
-models and every figure is the median over rounds of each round's median.
+Each model lives in its own worker process (so peak RSS is per model). The models alternate run
+by run (every prefill, every decode step), so load from other processes hits both alike; each
+figure is the median of those runs. Effective bandwidth is weight bytes read per decode step
+(all initializers but the gathered embedding) over the step's time.
 
-    flock /tmp/heavy.lock python -m benchmarks.onnxruntime_vs_genai --precisions fp32 int4
+    flock /tmp/heavy.lock python -m benchmarks.onnxruntime_vs_genai --precisions fp32 fp16 int8 int4 int4/b128
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ HF_CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num
                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
 
 
+# The builder's fp16 CPU graph is not a GQA graph (MultiHeadAttention, repeat_kv and concatenated
+# caches, no window buffer), so it cannot share this harness; our fp16 is compared with its fp32.
+PEER_PRECISION = {"fp16": "fp32"}
+
+
 def make_checkpoint(folder: Path, window: int, seed: int) -> None:
     """Seeded random MistralForCausalLM with layer_types, plus a word-level tokenizer."""
     import torch
@@ -49,15 +56,18 @@ def make_checkpoint(folder: Path, window: int, seed: int) -> None:
         {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}))
 
 
-def build_ours(checkpoint: Path, out: Path, precision: str) -> None:
+def build_ours(checkpoint: Path, out: Path, precision: str, block_size: int | None) -> None:
     from exporter.build import BuildRequest, build
 
-    build(BuildRequest(target="onnxruntime", checkpoint=checkpoint, precision=precision, out=out))
+    options = {} if block_size is None else {"block_size": str(block_size)}
+    build(BuildRequest(target="onnxruntime", checkpoint=checkpoint, precision=precision, out=out, options=options))
 
 
-def build_peer(checkpoint: Path, out: Path, precision: str) -> None:
+def build_peer(checkpoint: Path, out: Path, precision: str, block_size: int | None) -> None:
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out),
            "-p", precision, "-e", "cpu", "-c", str(out / "cache")]
+    if block_size is not None:
+        cmd += ["--extra_options", f"block_size={block_size}"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -93,31 +103,30 @@ def _worker(conn: Any, model_dir: str, threads: int, capacity: int, window: int,
                        cache, threads, rows, None)
     rng = np.random.default_rng(0)
     while (msg := conn.recv()) is not None:
-        kind, n, reps = msg
-        samples = []
-        if kind == "prefill":
-            ids = rng.integers(3, 32000, (1, n))
-            for _ in range(reps + 1):
-                runner.reset(1)
-                start = time.perf_counter()
-                runner.step(ids, np.arange(n)[None])
-                samples.append(time.perf_counter() - start)
-            samples = samples[1:]
-        else:
-            runner.reset(1)
-            runner.step(rng.integers(3, 32000, (1, n)), np.arange(n)[None])
-            for s in range(reps + 2):
-                start = time.perf_counter()
-                runner.step(np.array([[5]]), np.array([[n + s]]))
-                samples.append(time.perf_counter() - start)
-            samples = samples[2:]
-        conn.send(float(np.median(samples)) * 1000)
+        try:
+            conn.send(_request(runner, rng, *msg))
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which stops the run
+            conn.send(f"{type(exc).__name__}: {exc}")
     conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def measure(models: dict[str, Path], points: list[tuple[str, int]], rounds: int, reps: int, threads: int,
+def _request(runner: Any, rng: np.random.Generator, kind: str, n: int) -> float:
+    """prefill: ms of a fresh prefill of n tokens; fill: prefill n tokens (untimed); decode: ms of
+    one decode step at position n."""
+    if kind == "decode":
+        start = time.perf_counter()
+        runner.step(np.array([[5]]), np.array([[n]]))
+        return (time.perf_counter() - start) * 1000
+    runner.reset(1)
+    start = time.perf_counter()
+    runner.step(rng.integers(3, 32000, (1, n)), np.arange(n)[None])
+    return (time.perf_counter() - start) * 1000
+
+
+def measure(models: dict[str, Path], points: list[tuple[str, int]], samples: int, threads: int,
             capacity: int, window: int, rows: int) -> tuple[dict[str, dict[tuple[str, int], float]], dict[str, float]]:
-    """Median over interleaved rounds for every model and point, and each worker's peak RSS (MB)."""
+    """Median ms per model and point, the models interleaved run by run (each prefill, each decode
+    step), so a load change on the machine hits both alike; and each worker's peak RSS (MB)."""
     ctx = mp.get_context("spawn")
     pipes, procs = {}, []
     for name, folder in models.items():
@@ -125,30 +134,49 @@ def measure(models: dict[str, Path], points: list[tuple[str, int]], rounds: int,
         proc = ctx.Process(target=_worker, args=(child, str(folder), threads, capacity, window, rows))
         proc.start()
         pipes[name], procs = parent, procs + [proc]
-    per_round: dict[str, dict[tuple[str, int], list[float]]] = {n: {p: [] for p in points} for n in models}
-    for r in range(rounds):
-        for point in points:
-            order = list(models) if r % 2 == 0 else list(models)[::-1]
-            for name in order:
-                pipes[name].send((*point, reps))
-                per_round[name][point].append(pipes[name].recv())
-        print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+
+    def ask(name: str, *msg: object) -> float:
+        pipes[name].send(msg)
+        reply = pipes[name].recv()
+        if isinstance(reply, str):
+            for proc in procs:
+                proc.kill()
+            raise RuntimeError(f"{name} failed at {msg}: {reply}")
+        return reply
+
+    times: dict[str, dict[tuple[str, int], float]] = {n: {} for n in models}
+    warmup = 2
+    for kind, n in points:
+        runs: dict[str, list[float]] = {name: [] for name in models}
+        if kind == "decode":
+            for name in models:
+                ask(name, "fill", n)
+        for i in range(warmup + samples):
+            for name in (list(models) if i % 2 == 0 else list(models)[::-1]):
+                ms = ask(name, "prefill" if kind == "prefill" else "decode", n if kind == "prefill" else n + i)
+                if i >= warmup:
+                    runs[name].append(ms)
+        for name in models:
+            times[name][(kind, n)] = float(np.median(runs[name]))
+        print(f"  {kind} {n}: " + ", ".join(f"{k} {v[(kind, n)]:.2f} ms" for k, v in times.items()),
+              file=sys.stderr, flush=True)
     rss = {}
     for name, pipe in pipes.items():
         pipe.send(None)
         rss[name] = pipe.recv()
     for proc in procs:
         proc.join()
-    return {n: {p: float(np.median(v)) for p, v in d.items()} for n, d in per_round.items()}, rss
+    return times, rss
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "int4"], choices=["fp32", "fp16", "int8", "int4"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "int4"],
+                    help="fp32, fp16, int8, int4; int4/b128 (or int8/b64...) sets both sides' quantization block")
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--reps", type=int, default=5, help="timed runs per point per round")
+    ap.add_argument("--prefill-samples", type=int, default=9, help="timed prefills per point and model")
+    ap.add_argument("--decode-samples", type=int, default=40, help="timed decode steps per point and model")
     ap.add_argument("--work", type=Path, default=None, help="folder for the checkpoint and models (kept)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
@@ -158,21 +186,30 @@ def main() -> None:
         make_checkpoint(checkpoint, args.window, seed=0)
     capacity = args.window
     rows = capacity + max(8, capacity // 8)  # the buffer our runner allocates by default (cache_slack=-1)
-    points = [("prefill", 128), ("prefill", 512), ("decode", 128), ("decode", capacity - 8)]
+    points = [("prefill", 128), ("prefill", 512), ("decode", 128), ("decode", capacity - 16)]
     results = []
-    for precision in args.precisions:
-        ours, peer = work / f"ours-{precision}", work / f"peer-{precision}"
+    for spec in args.precisions:
+        precision, _, block = spec.partition("/b")  # int4/b128: both sides with quantization block 128
+        block_size = int(block) if block else None
+        peer_precision = PEER_PRECISION.get(precision, precision)
+        suffix = f"-b{block}" if block else ""
+        ours, peer = work / f"ours-{precision}{suffix}", work / f"peer-{peer_precision}{suffix}"
         if not (ours / "model.onnx").is_file():
-            build_ours(checkpoint, ours, precision)
+            build_ours(checkpoint, ours, precision, block_size)
         if not (peer / "model.onnx").is_file():
-            build_peer(checkpoint, peer, precision)
-        print(f"measuring {precision}", file=sys.stderr, flush=True)
-        times, rss = measure({"ours": ours, "peer": peer}, points, args.rounds, args.reps, args.threads,
-                             capacity, args.window, rows)
+            build_peer(checkpoint, peer, peer_precision, block_size)
+        print(f"measuring {spec}", file=sys.stderr, flush=True)
+        times, rss = {}, {}
+        for group, samples in (("prefill", args.prefill_samples), ("decode", args.decode_samples)):
+            t, r = measure({"ours": ours, "peer": peer}, [p for p in points if p[0] == group], samples,
+                           args.threads, capacity, args.window, rows)
+            times = {k: {**times.get(k, {}), **v} for k, v in t.items()}
+            rss = {k: max(rss.get(k, 0.0), v) for k, v in r.items()}
         wb = {"ours": weight_bytes(ours / "model.onnx"), "peer": weight_bytes(peer / "model.onnx")}
-        results.append({"precision": precision, "times": {k: {f"{a}@{b}": v for (a, b), v in t.items()}
-                                                          for k, t in times.items()},
+        results.append({"precision": spec, "peer_precision": peer_precision + (f"/b{block}" if block else ""),
+                        "times": {k: {f"{a}@{b}": v for (a, b), v in t.items()} for k, t in times.items()},
                         "rss_mb": rss, "weight_bytes": wb})
+        print_table(results[-1:], points)
     print_table(results, points)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -182,6 +219,8 @@ def print_table(results: list[dict[str, Any]], points: list[tuple[str, int]]) ->
     head = f"{'precision':9} {'metric':17} {'ours':>9} {'peer':>9} {'ratio':>6}  {'ours GB/s':>9} {'peer GB/s':>9}"
     print(head + "\n" + "-" * len(head))
     for r in results:
+        if r["peer_precision"] != r["precision"]:
+            print(f"{r['precision']:9} (peer built at {r['peer_precision']})")
         for kind, n in points:
             key = f"{kind}@{n}"
             o, p = r["times"]["ours"][key], r["times"]["peer"][key]

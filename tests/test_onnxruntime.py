@@ -1,6 +1,6 @@
 """ONNX Runtime target: parity past the window on a ragged batch, the graph really uses
 GroupQueryAttention, the opset-23 fallback, int4/int8 exactness against their dequantized weights,
-and refusal of bad artifacts and unsupported pairs."""
+fp16 storage on CPU, and refusal of bad artifacts, unsupported pairs and misplaced positions."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def test_quantized_graph_equals_its_dequantized_weights(model: Any, checkpoint: 
                                                         tmp_path: Path, precision: str, bits: int) -> None:
     """MatMulNBits computes exactly the canonical model on the quantizer's dequantized weights
     (accuracy_level 0: fp32 activations), so the lowering adds no error beyond quantization."""
-    artifact = _build(checkpoint, tmp_path / precision, precision, accuracy_level=0, pack_matmuls=False)
+    artifact = _build(checkpoint, tmp_path / precision, precision, accuracy_level=0, pack_qkv=False)
     assert _ops(artifact).count("MatMulNBits") == 7 * model.config.num_hidden_layers + 1  # + lm_head
     weights = _dequantized(artifact, bits)
     state = {k: v.detach() for k, v in model.state_dict().items()}
@@ -185,3 +185,14 @@ def test_runner_refuses_positions_that_skip_tokens(fp32_artifact: Path) -> None:
         runner.step(np.array([[8]]), np.array([[4]]))
     with pytest.raises(UserError, match="right-padded"):
         runner.step(np.array([[8, 9]]), np.array([[-1, 3]]))
+
+
+def test_fp16_on_cpu_stores_fp16_and_computes_fp32(model: Any, checkpoint: Path, reference: Any,
+                                                    tmp_path: Path) -> None:
+    artifact = _build(checkpoint, tmp_path / "fp16", "fp16")
+    graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
+    weights = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in graph.input if i.name.startswith("past"))
+    result = _parity(model, artifact, "fp16", reference)
+    assert result.passed, [str(f) for f in result.failures]

@@ -3,9 +3,9 @@
 GroupQueryAttention has CPU kernels for fp32 and fp16 and CUDA kernels for fp16 and bf16 only;
 pairs without one get the fallback, the canonical attention decomposed into the standard opset-23
 Attention op plus scatters into a ring-buffer cache. Weights are MatMul in the float precisions and
-MatMulNBits (weight-only, fp32 activations) for int8/int4. CPU has no fp16 or bf16 GEMM on x86:
-ORT runs an fp16 graph's MatMuls in fp32 behind inserted casts (fp16 halves the file, not the
-decode traffic), and bf16 has neither GQA nor GEMM on CPU, so it is not offered there.
+MatMulNBits (weight-only, fp32 activations) for int8/int4. ORT has no fp16 or bf16 GEMM on x86
+CPUs: cpu/fp16 stores fp16 weights and computes in fp32 (passes/upcast.py; it halves the file, not
+the decode traffic), and bf16 has neither GQA nor GEMM on CPU, so it is not offered there.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ class Kernels:
     matmul: str
 
     def describe(self) -> str:
-        attention = ("com.microsoft::GroupQueryAttention (shared ring-window cache)" if self.attention == GQA
+        attention = ("com.microsoft::GroupQueryAttention (window cache, shared in-place buffer)" if self.attention == GQA
                      else "ai.onnx::Attention opset 23 + ScatterElements ring cache (fallback)")
         return f"{attention}; {self.matmul}"
 
 
-_MATMUL = {"fp32": "MatMul", "fp16": "MatMul", "bf16": "MatMul",
+_MATMUL = {"fp32": "MatMul", "fp16": "MatMul", "bf16": "MatMul", "cpu/fp16": "MatMul over fp16 weights cast to fp32 at load",
            "int8": "com.microsoft::MatMulNBits bits=8", "int4": "com.microsoft::MatMulNBits bits=4"}
 _GQA_DTYPES = {"cpu": ("fp32", "fp16", "int8", "int4"), "cuda": ("fp16", "bf16")}
 
@@ -47,7 +47,7 @@ VALIDATED = {("cpu", p) for p in SUPPORT["cpu"]}
 
 
 def table() -> dict[tuple[str, str], Kernels]:
-    return {(d, p): Kernels(GQA if p in _GQA_DTYPES[d] else ONNX_ATTENTION, _MATMUL[p])
+    return {(d, p): Kernels(GQA if p in _GQA_DTYPES[d] else ONNX_ATTENTION, _MATMUL.get(f"{d}/{p}", _MATMUL[p]))
             for d, precisions in SUPPORT.items() for p in precisions}
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
+import torch
 
 from exporter.build import trace_dtype
 from exporter.checkpoint import DTYPES
@@ -17,12 +18,17 @@ from targets.onnxruntime import kernels
 from targets.onnxruntime.export import quiet, to_onnx
 from targets.onnxruntime.genai import genai_config, write_genai_config
 from targets.onnxruntime.passes.io import canonical_io, genai_io
-from targets.onnxruntime.passes.packing import pack_linears
+from targets.onnxruntime.passes.packing import pack_qkv
 from targets.onnxruntime.passes.reshapes import drop_reshape_roundtrips
 from targets.onnxruntime.passes.rotary import fuse_rotary
+from targets.onnxruntime.passes.upcast import compute_in_fp32
 from targets.onnxruntime.passes.weights import bind_weights
 from targets.onnxruntime.quantize import BITS, QuantSpec
 from targets.onnxruntime.target import DATA_FILE, MODEL_FILE, OnnxRuntimeOptions
+
+
+_DTYPE_NAMES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16",
+                ir.DataType.INT64: "int64", ir.DataType.INT32: "int32"}
 
 
 def quant_spec(precision: str, options: OnnxRuntimeOptions) -> QuantSpec | None:
@@ -54,7 +60,8 @@ def io_specs(model: ir.Model) -> list[TensorSpec]:
 
     def spec(v: ir.Value, output: bool) -> TensorSpec:
         dims = tuple(d if isinstance(d, int) else str(d) for d in (v.shape or ()))
-        return TensorSpec(v.name or "", str(v.dtype).removeprefix("DataType.").lower(), dims, role(v.name or "", output))
+        dtype = _DTYPE_NAMES.get(v.dtype, str(v.dtype))  # type: ignore[arg-type]
+        return TensorSpec(v.name or "", dtype, dims, role(v.name or "", output))
 
     return [spec(v, False) for v in model.graph.inputs] + [spec(v, True) for v in model.graph.outputs]
 
@@ -75,7 +82,7 @@ def cache_contract(inp: LowerInput, dtype: str, attention: str) -> CacheContract
 def _graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) -> tuple[ir.Model, dict[str, Any]]:
     """The ONNX model with its passes applied, and what the manifest records about them."""
     cfg = inp.config
-    dtype = DTYPES[trace_dtype(inp.precision)]
+    dtype = torch.float32 if _upcast(inp) else DTYPES[trace_dtype(inp.precision)]  # of the rotary tables
     inp.progress("onnx: translating the program", 0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation, raised by deepcopy
@@ -93,11 +100,12 @@ def _graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) -> tupl
                                    "the graph pattern changed")
             extra["rotary_positions"] = rows
         extra["rotary"] = "GroupQueryAttention do_rotary" if "rotary_positions" in extra else "graph (Mul/Add)"
+        drop_reshape_roundtrips(model)
+        if options.pack_qkv:
+            extra["packed_qkv"] = pack_qkv(model)
     else:
         canonical_io(model, cfg.num_hidden_layers)
-    drop_reshape_roundtrips(model)
-    if options.pack_matmuls:
-        extra["packed_matmuls"] = pack_linears(model)
+        drop_reshape_roundtrips(model)
     return model, extra
 
 
@@ -109,6 +117,8 @@ def lower_to_files(inp: LowerInput, out_dir: Path) -> Lowered:
         model, extra = _graph(inp, options, chosen.attention)
         keep_float = (lambda names: names == ("lm_head.weight",)) if not options.quantize_lm_head else (lambda names: False)
         bind_weights(model, inp.weight, quant, keep_float)
+        if _upcast(inp):
+            compute_in_fp32(model)
     model.producer_name = "mistral-export"
     total = len(model.graph.initializers)
     done = iter(range(1, total + 1))
@@ -121,10 +131,17 @@ def lower_to_files(inp: LowerInput, out_dir: Path) -> Lowered:
         window = inp.config.sliding_window
         context = extra.get("rotary_positions", inp.config.max_position_embeddings) if window else inp.capacity
         write_genai_config(out_dir, genai_config(inp.config, MODEL_FILE, context, window, inp.device))
-    dtype = "fp16" if inp.precision == "fp16" else "bf16" if inp.precision == "bf16" else "fp32"
+    dtype = inp.precision if inp.precision in ("fp16", "bf16") and not _upcast(inp) else "fp32"
+    if _upcast(inp):
+        extra["compute"] = "fp32: fp16 weights are cast once at session start (x86 ORT has no fp16 GEMM)"
     extra.update(attention=chosen.attention, kernels={inp.device: chosen.describe()},
                  quantization=None if quant is None else quant.__dict__, graph_ops=_op_counts(model))
     return Lowered(io=io_specs(model), cache=cache_contract(inp, dtype, chosen.attention), extra=extra)
+
+
+def _upcast(inp: LowerInput) -> bool:
+    """fp16 on CPU stores fp16 weights and computes in fp32 (passes/upcast.py)."""
+    return inp.device == "cpu" and inp.precision == "fp16"
 
 
 def _op_counts(model: ir.Model) -> dict[str, int]:

@@ -48,7 +48,9 @@ class _BaseRunner:
         self.threads = threads or None
         self.layers, self.kv_heads, self.head_dim = cache["num_layers"], cache["kv_heads"], cache["head_dim"]
         self.dtype = NP_DTYPES[cache["dtype"]]
-        self.vocab = next(o for o in sess.get_outputs() if o.name == "logits").shape[-1]
+        logits = next(o for o in sess.get_outputs() if o.name == "logits")
+        self.vocab = logits.shape[-1]
+        self._logits_dtype = np.float16 if logits.type == "tensor(float16)" else np.float32
         self.batch = 0
         self._io: ort.IOBinding | None = None
         self._inputs = {i.name for i in sess.get_inputs()}  # position_ids is optional (RoPE inside GQA)
@@ -71,10 +73,10 @@ class _BaseRunner:
         assert io is not None
         for name, array in feeds.items():
             io.bind_cpu_input(name, np.ascontiguousarray(array))
-        logits = np.empty((self.batch, tokens, self.vocab), dtype=np.float32)
-        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        logits = np.empty((self.batch, tokens, self.vocab), dtype=self._logits_dtype)
+        io.bind_output("logits", "cpu", 0, self._logits_dtype, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(io)
-        return logits
+        return logits.astype(np.float32, copy=False)
 
 
 class GqaRunner(_BaseRunner):

@@ -34,7 +34,7 @@ class OnnxRuntimeOptions:
     quantize_lm_head: bool = True  # int4/int8: lm_head as MatMulNBits too (the embedding stays float)
     fuse_rotary: bool = True  # GQA: RoPE inside GQA when head_dim % 16 == 0 (tables bound positions by
     #                           max_position_embeddings); else RoPE stays in the graph
-    pack_matmuls: bool = True  # GQA: one MatMul for q/k/v and one for gate/up
+    pack_qkv: bool = True  # GQA: one MatMul for q/k/v, fed to GQA as a packed query
     intra_op_threads: int = 0  # runner: ORT intra-op threads (0: ORT's default, one per core)
     cache_slack: int = -1  # runner: cache rows over the window (GQA compacts every slack+1 steps); -1: auto
 
@@ -59,7 +59,7 @@ class OnnxRuntimeTarget:
         return None
 
     def kernels(self) -> dict[str, str]:
-        return {f"{d}/{p}": k.describe() + ("" if (d, p) in kernels.VALIDATED else " [not validated here]")
+        return {f"{d}/{p}": k.describe() + ("" if (d, p) in kernels.VALIDATED else " (declared, not validated here)")
                 for (d, p), k in kernels.table().items()}
 
     def lower(self, inp: LowerInput, out_dir: Path) -> Lowered:
