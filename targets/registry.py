@@ -20,6 +20,7 @@ BUILTIN: dict[str, str] = {
     "coreml": "targets.coreml:CoreMLTarget",
     "tensorrt": "targets.tensorrt:TensorRTTarget",
     "onnxruntime": "targets.onnxruntime.target:OnnxRuntimeTarget",
+    "openvino": "targets.openvino:OpenVinoTarget",
 }
 
 

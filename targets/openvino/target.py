@@ -1,0 +1,105 @@
+"""The openvino target: lower the exported program to an OpenVINO IR and drive it with a Runner.
+
+Steps of ``lower``, in order: check options and device; convert (weights as Parameters); name the
+ports; stateful transformation (default); bind weights one tensor at a time; NNCF compression for
+int8/int4; ``save_model`` without the silent fp16 compression; tokenizer IRs where convertible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from exporter.contract import CacheContract, TensorSpec, cache_contract, canonical_io
+from exporter.errors import ArtifactError
+from targets.base import LowerInput, Lowered, check_supported
+from targets.openvino import compress, convert, runner, stateful, tokenizer, weights
+from targets.openvino.options import (DEVICES, PRECISIONS, SUPPORT_TABLE, OpenVinoOptions, check_options,
+                                      runtime_hints)
+
+MODEL_XML = "openvino_model.xml"
+KERNEL = "ScaledDotProductAttention"
+RAW_CACHE_TYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "fp32", "int4": "fp32"}
+
+
+def stateful_io(cfg: Any) -> list[TensorSpec]:
+    """The stateful IR's ports: OpenVINO GenAI's names; the cache is internal."""
+    return [TensorSpec("input_ids", "int64", ("batch", "chunk"), "input_ids"),
+            TensorSpec("position_ids", "int64", ("batch", "chunk"), "positions (-1 = padding)"),
+            TensorSpec("attention_mask", "int64", ("batch", "past+chunk"),
+                       "slot mask over [cached slots; chunk]: 1 = real token, 0 = padding"),
+            TensorSpec("beam_idx", "int32", ("batch",), "cache row order (arange keeps rows)"),
+            TensorSpec("logits", "float32", ("batch", "chunk", cfg.vocab_size), "logits")]
+
+
+class OpenVinoTarget:
+    """OpenVINO IR (stateful by default) with ScaledDotProductAttention per layer; NNCF int8/int4."""
+
+    name = "openvino"
+    devices = tuple(DEVICES)
+    precisions = PRECISIONS
+    support_table = SUPPORT_TABLE
+    options_type = OpenVinoOptions
+    runtime_packages = ("openvino", "nncf", "openvino-tokenizers", "openvino-genai")
+
+    def check_available(self) -> str | None:
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            return "the openvino package is not installed (pip install 'mistral-export[openvino]')"
+        return None
+
+    def kernels(self) -> dict[str, str]:
+        return {f"{d}/{p}": f"{KERNEL} (stateful KV cache{', NNCF weights' if p.startswith('int') else ''})"
+                for d, ps in SUPPORT_TABLE.items() for p in ps}
+
+    def lower(self, inp: LowerInput, out_dir: Path) -> Lowered:
+        cfg, options = inp.config, inp.options
+        check_supported(self, inp.device, inp.precision, SUPPORT_TABLE)
+        check_options(cfg, inp.precision, options)
+        runner.resolve_device(runner.core_with_cache(), inp.device)
+        layout = "ring" if options.stateless else "concat"
+        inp.progress("converting to OpenVINO", 0.0)
+        model = convert.convert(inp.program(), layout).model
+        stateful.name_ports(model, cfg, layout)
+        if not options.stateless:
+            stateful.add_beam_idx(model, cfg)
+            stateful.make_stateful(model, cfg)
+        weights.bind(model, inp.weight, inp.progress)
+        compression = compress.compress(model, cfg, inp.precision, options)
+        ops = stateful.op_counts(model)
+        if ops.get(KERNEL, 0) != cfg.num_hidden_layers:
+            raise AssertionError(f"expected one {KERNEL} per layer, the IR has {ops.get(KERNEL, 0)}")
+        import openvino as ov
+
+        ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=False)
+        del model
+        tok = tokenizer.write_tokenizer(inp.weights.tokenizer_dir, out_dir)
+        tokenizer.write_genai_config(cfg, out_dir)
+        hints = runtime_hints(inp.precision, options)
+        cache_dtype = hints.get("KV_CACHE_PRECISION") or f"device default (IR {RAW_CACHE_TYPES[inp.precision]})"
+        if options.stateless:
+            io = canonical_io(cfg, RAW_CACHE_TYPES[inp.precision])
+            cache: CacheContract = cache_contract(cfg, inp.capacity, RAW_CACHE_TYPES[inp.precision])
+        else:
+            io = stateful_io(cfg)
+            cache = cache_contract(cfg, inp.capacity, cache_dtype, residence="stateful")
+        return Lowered(io=io, cache=cache, extra={
+            "model_file": MODEL_XML, "layout": layout, "runtime_hints": hints, "compression": compression,
+            "ops": {k: ops.get(k, 0) for k in (KERNEL, "ReadValue", "Assign", "ScatterElementsUpdate")},
+            "tokenizer_ir": tok, "kernels": {inp.device: KERNEL}})
+
+    def load(self, artifact: Path, manifest: dict[str, Any], device: str | None) -> Any:
+        target = manifest["target"]
+        device = device or target["device"]
+        check_supported(self, device, target["precision"], SUPPORT_TABLE)
+        xml = Path(artifact) / target.get("model_file", MODEL_XML)
+        if not xml.is_file():
+            raise ArtifactError(f"{xml} is missing; rebuild the artifact with --force")
+        threads = int(target["options"].get("threads", 0))
+        compiled, core, name = runner.compile_model(xml, device, target["runtime_hints"], threads)
+        cache, cfg = manifest["cache"], manifest["model"]["config"]
+        if target["layout"] == "ring":
+            return runner.StatelessRunner(compiled, core, name, cache["capacity"], cache["window"],
+                                          cfg["num_key_value_heads"], cfg["head_dim"])
+        return runner.StatefulRunner(compiled, core, name, cache["capacity"], cache["window"])
