@@ -34,6 +34,11 @@ CASES = [
     ("onnxruntime", "fp16", []),
     ("onnxruntime", "int8", []),
     ("onnxruntime", "int4", []),
+    ("openvino", "fp32", []),
+    ("openvino", "fp16", []),
+    ("openvino", "bf16", []),
+    ("openvino", "int8", []),
+    ("openvino", "int4", []),
 ]
 
 
