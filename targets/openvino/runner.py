@@ -65,8 +65,17 @@ class _Base:
         self.device = device
         self.capacity = capacity
         self.window = window
+        self.vocab = compiled.output("logits").get_partial_shape()[-1].get_length()
         threads = self._property("INFERENCE_NUM_THREADS")
         self.threads = int(threads) if threads is not None else None
+
+    def _fresh_logits(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A new array the request writes the logits into: returned without a copy, never overwritten."""
+        import openvino as ov
+
+        logits = np.empty((*shape, self.vocab), dtype=np.float32)
+        self.request.set_tensor("logits", ov.Tensor(logits, shared_memory=True))
+        return logits
 
     def _property(self, name: str) -> Any:
         try:
@@ -99,11 +108,12 @@ class StatefulRunner(_Base):
         if self.slots.shape[1] + input_ids.shape[1] > 2 * self.capacity:
             self._compact()
         mask = np.concatenate([self.slots, (positions >= 0).astype(np.int64)], axis=1)
+        logits = self._fresh_logits(input_ids.shape)
         self.request.infer({"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                             "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
-                            "attention_mask": mask, "beam_idx": self.beam_idx})
+                            "attention_mask": mask, "beam_idx": self.beam_idx}, share_inputs=True)
         self.slots = mask
-        return self.request.get_tensor("logits").data.copy()
+        return logits
 
     def _compact(self) -> None:
         """Keep each row's last `capacity` real slots, right-aligned; drop the rest of the cache."""
@@ -144,10 +154,11 @@ class StatelessRunner(_Base):
         inputs = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                   "positions": np.ascontiguousarray(positions, dtype=np.int64)}
         inputs.update({name: ov.Tensor(data, list(data.shape), self.past[name]) for name, data in self.caches.items()})
-        self.request.infer(inputs)
+        logits = self._fresh_logits(input_ids.shape)
+        self.request.infer(inputs, share_inputs=True)
         self.caches = {name: self.request.get_tensor(name.replace("past_", "present_", 1)).data.copy()
                        .view(RAW_DTYPES[self.past[name].get_type_name()]) for name in self.past}
-        return self.request.get_tensor("logits").data.copy()
+        return logits
 
 
 def compile_model(xml: Path, device: str, hints: dict[str, str], threads: int) -> tuple[Any, Any, str]:
