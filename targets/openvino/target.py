@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from exporter.contract import CacheContract, TensorSpec, cache_contract, canonical_io
 from exporter.errors import ArtifactError
 from targets.base import LowerInput, Lowered, check_supported
@@ -21,11 +19,7 @@ from targets.openvino.options import (DEVICES, PRECISIONS, SUPPORT_TABLE, OpenVi
 
 MODEL_XML = "openvino_model.xml"
 KERNEL = "ScaledDotProductAttention"
-# Every precision lowers the fp32 graph. Float precisions store their weights narrow and compute at the
-# runtime hints (measured: bf16 closer to the reference than a bf16-typed graph, and the peer's layout);
-# int8/int4 compress fp32 weights with NNCF.
-WEIGHT_STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-                  "int8": torch.float32, "int4": torch.float32}
+RAW_CACHE_TYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "fp32", "int4": "fp32"}
 
 
 def stateful_io(cfg: Any) -> list[TensorSpec]:
@@ -47,11 +41,6 @@ class OpenVinoTarget:
     support_table = SUPPORT_TABLE
     options_type = OpenVinoOptions
     runtime_packages = ("openvino", "nncf", "openvino-tokenizers", "openvino-genai")
-
-    @staticmethod
-    def trace_dtype(precision: str) -> str:
-        """One fp32 graph for every precision: the inference hint sets the arithmetic."""
-        return "fp32"
 
     def check_available(self) -> str | None:
         try:
@@ -76,7 +65,7 @@ class OpenVinoTarget:
         if not options.stateless:
             stateful.add_beam_idx(model, cfg)
             stateful.make_stateful(model, cfg)
-        weights.bind(model, inp.weight, inp.progress, WEIGHT_STORAGE[inp.precision])
+        weights.bind(model, inp.weight, inp.progress)
         compression = compress.compress(model, cfg, inp.precision, options)
         ops = stateful.op_counts(model)
         if ops.get(KERNEL, 0) != cfg.num_hidden_layers:
@@ -88,16 +77,15 @@ class OpenVinoTarget:
         tok = tokenizer.write_tokenizer(inp.weights.tokenizer_dir, out_dir)
         tokenizer.write_genai_config(cfg, out_dir)
         hints = runtime_hints(inp.precision, options)
-        cache_dtype = hints.get("KV_CACHE_PRECISION") or "device default"
-        if options.stateless:  # explicit cache IO is the graph's fp32; the KV hint applies to state only
-            io = canonical_io(cfg, "fp32")
-            cache: CacheContract = cache_contract(cfg, inp.capacity, "fp32")
+        cache_dtype = hints.get("KV_CACHE_PRECISION") or f"device default (IR {RAW_CACHE_TYPES[inp.precision]})"
+        if options.stateless:
+            io = canonical_io(cfg, RAW_CACHE_TYPES[inp.precision])
+            cache: CacheContract = cache_contract(cfg, inp.capacity, RAW_CACHE_TYPES[inp.precision])
         else:
             io = stateful_io(cfg)
             cache = cache_contract(cfg, inp.capacity, cache_dtype, residence="stateful")
         return Lowered(io=io, cache=cache, extra={
             "model_file": MODEL_XML, "layout": layout, "runtime_hints": hints, "compression": compression,
-            "weight_storage": str(WEIGHT_STORAGE[inp.precision]).removeprefix("torch."),
             "ops": {k: ops.get(k, 0) for k in (KERNEL, "ReadValue", "Assign", "ScatterElementsUpdate")},
             "tokenizer_ir": tok, "kernels": {inp.device: KERNEL}})
 

@@ -29,15 +29,6 @@ def to_constant(tensor: torch.Tensor) -> object:
     return ov.op.Constant(data, shared_memory=False)
 
 
-def stored(tensor: torch.Tensor, storage: torch.dtype) -> object:
-    """The weight as the fp32 graph uses it: a Constant in `storage`, behind a Convert to f32 when that
-    is narrower (the layout of optimum-intel's fp16 IRs: the .bin holds the narrow weights)."""
-    from openvino import opset13
-
-    const = to_constant(tensor.to(storage))
-    return const if storage == tensor.dtype else opset13.convert(const, "f32")
-
-
 def weight_parameters(model: object) -> dict[str, object]:
     """Canonical weight name -> its Parameter node, for every weight still unbound."""
     found = {}
@@ -48,15 +39,14 @@ def weight_parameters(model: object) -> dict[str, object]:
     return found
 
 
-def bind(model: object, lookup: Callable[[str], torch.Tensor], progress: Progress,
-         storage: torch.dtype = torch.float32) -> int:
-    """Replace each weight Parameter with lookup(name) stored in `storage`; returns the bytes stored."""
+def bind(model: object, lookup: Callable[[str], torch.Tensor], progress: Progress) -> int:
+    """Replace each weight Parameter with a Constant of lookup(name); returns the bytes bound."""
     params = weight_parameters(model)
     total = 0
     for i, (name, param) in enumerate(params.items()):
         tensor = lookup(name)
-        const = stored(tensor, storage)
-        total += tensor.numel() * storage.itemsize
+        const = to_constant(tensor)
+        total += tensor.numel() * tensor.element_size()
         del tensor
         const.output(0).get_tensor().set_names({name})
         param.output(0).replace(const.output(0))
