@@ -6,9 +6,12 @@ own venv (it pins transformers < 5.6) and is only used to export; both IRs then 
 this process's openvino, with the same threads and PERFORMANCE_HINT=LATENCY.
 
 Rows (like with like):
-  f32   ours fp32  vs peer fp32 IR, both INFERENCE_PRECISION_HINT=f32 and KV_CACHE_PRECISION=f32
-  bf16  ours bf16  vs peer fp32 IR at the CPU's default hints (nothing set)
-  int4  ours int4 (sym, g128, ratio 1) vs peer int4 (--sym --group-size 128 --ratio 1.0), default hints
+  f32        ours fp32 vs peer fp32 IR, both INFERENCE_PRECISION_HINT=f32 and KV_CACHE_PRECISION=f32
+  bf16       ours bf16 vs peer fp32 IR at the CPU's default hints (nothing set)
+  int4       ours int4 as built by default (sym g128, every layer int4) vs peer int4 as exported by
+             default (--sym --group-size 128 --ratio 1.0: embedding and lm_head stay int8); default hints
+  int4-same  ours with all_layers=false: the peer's exact nncf configuration
+  int4-all   ours default vs peer with --all-layers: both every layer int4
 Prefill: one chunk of T=128 from an empty cache. Decode: single tokens after a 128-token prompt.
 Our side runs through its Runner (what users get); the peer through a bare infer request (its best case).
 Effective bandwidth = bytes of the weights feeding MatMuls at the run's precision / ms per token.
@@ -33,13 +36,15 @@ PROMPT = 128
 CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
               num_attention_heads=16, num_key_value_heads=4, sliding_window=4096, max_position_embeddings=32768,
               rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
-ROWS = {  # name: (our precision, peer export, peer hints or None for "same as ours")
-    "f32": ("fp32", "fp32", None),
-    "bf16": ("bf16", "fp32", {}),
-    "int4": ("int4", "int4", {}),
+ROWS = {  # name: (our precision, our options, peer export, peer hints or None for "same as ours")
+    "f32": ("fp32", (), "fp32", None),
+    "bf16": ("bf16", (), "fp32", {}),
+    "int4": ("int4", ("group_size=128",), "int4", {}),
+    "int4-same": ("int4", ("group_size=128", "all_layers=false"), "int4", {}),
+    "int4-all": ("int4", ("group_size=128",), "int4-all", {}),
 }
-PEER_EXPORT = {"fp32": ["--weight-format", "fp32"],
-               "int4": ["--weight-format", "int4", "--sym", "--group-size", "128", "--ratio", "1.0"]}
+INT4 = ["--weight-format", "int4", "--sym", "--group-size", "128", "--ratio", "1.0"]
+PEER_EXPORT = {"fp32": ["--weight-format", "fp32"], "int4": INT4, "int4-all": [*INT4, "--all-layers"]}
 
 
 def make_checkpoint(folder: Path, seed: int = 0) -> None:
@@ -62,12 +67,12 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def export_ours(checkpoint: Path, out: Path, precision: str, threads: int) -> None:
+def export_ours(checkpoint: Path, out: Path, precision: str, options: tuple[str, ...]) -> None:
     if (out / "manifest.json").is_file():
         return
     run([sys.executable, "-m", "mistral_export.cli", "build", "--target", "openvino", "--checkpoint", str(checkpoint),
          "--precision", precision, "--out", str(out), "--force", "--no-validate",
-         *(["--option", "group_size=128"] if precision == "int4" else [])])
+         *[arg for option in options for arg in ("--option", option)]])
 
 
 def export_peer(optimum_cli: str, checkpoint: Path, out: Path, weight_format: str) -> None:
@@ -134,7 +139,7 @@ def time_prefill(runner: Any, ids: np.ndarray, repeats: int) -> float:
     return statistics.median(samples) * 1e3
 
 
-def time_decode(runner: Any, ids: np.ndarray, steps: int, warmup: int = 2) -> float:
+def time_decode(runner: Any, ids: np.ndarray, steps: int, warmup: int = 2) -> list[float]:
     runner.reset(1)
     runner.step(ids, np.arange(PROMPT, dtype=np.int64)[None])
     samples = []
@@ -143,8 +148,8 @@ def time_decode(runner: Any, ids: np.ndarray, steps: int, warmup: int = 2) -> fl
         start = time.perf_counter()
         runner.step(token, np.array([[PROMPT + s]], dtype=np.int64))
         if s >= warmup:
-            samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
+            samples.append((time.perf_counter() - start) * 1e3)
+    return samples
 
 
 def open_ours(artifact: Path, threads: int) -> tuple[Any, dict[str, str]]:
@@ -179,9 +184,11 @@ def bench_row(name: str, ours_dir: Path, peer_xml: Path, peer_hints: dict[str, s
     for _ in range(rounds):  # interleaved, so a busy neighbour slows both sides alike
         result["ours_prefill"].append(time_prefill(ours, ids, 3))
         result["peer_prefill"].append(time_prefill(peer, ids, 3))
-        result["ours_decode"].append(time_decode(ours, ids, steps))
-        result["peer_decode"].append(time_decode(peer, ids, steps))
+        result["ours_decode"] += time_decode(ours, ids, steps)
+        result["peer_decode"] += time_decode(peer, ids, steps)
     med = {k: statistics.median(v) for k, v in result.items()}
+    # The 10th percentile as well: on a shared machine noise only ever adds time.
+    p10 = {k: float(np.percentile(v, 10)) for k, v in result.items() if k.endswith("decode")}
     ours_precision = ours.describe_device()["inference_precision"]
     peer_precision = resolved(compiled)
     float_bytes = lambda p: 4 if p.startswith("f32") else 2  # noqa: E731
@@ -191,16 +198,19 @@ def bench_row(name: str, ours_dir: Path, peer_xml: Path, peer_hints: dict[str, s
             "peer_hints": peer_precision, **{k: round(v, 3) for k, v in med.items()},
             "prefill_ratio": round(med["ours_prefill"] / med["peer_prefill"], 3),
             "decode_ratio": round(med["ours_decode"] / med["peer_decode"], 3),
+            "ours_decode_p10": round(p10["ours_decode"], 3), "peer_decode_p10": round(p10["peer_decode"], 3),
+            "decode_ratio_p10": round(p10["ours_decode"] / p10["peer_decode"], 3),
             "ours_weight_mb": round(ours_bytes / 1e6, 1), "peer_weight_mb": round(peer_bytes / 1e6, 1),
             "ours_gb_s": round(ours_bytes / med["ours_decode"] / 1e6, 1),
             "peer_gb_s": round(peer_bytes / med["peer_decode"] / 1e6, 1)}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| row | hints ours / peer | prefill T=128 ms ours / peer (ratio) | decode@128 ms ours / peer (ratio) "
-            "| GB/s ours / peer |\n|---|---|---|---|---|")
+    head = ("| row | hints ours / peer | prefill T=128 ms ours / peer (ratio) | decode@128 ms median ours / peer "
+            "(ratio) | decode p10 ratio | weight MB/token ours / peer | GB/s ours / peer |\n|---|---|---|---|---|---|---|")
     lines = [f"| {r['row']} | {r['ours_hints']} / {r['peer_hints']} | {r['ours_prefill']:.1f} / {r['peer_prefill']:.1f} "
              f"({r['prefill_ratio']:.2f}x) | {r['ours_decode']:.2f} / {r['peer_decode']:.2f} ({r['decode_ratio']:.2f}x) "
+             f"| {r['decode_ratio_p10']:.2f}x | {r['ours_weight_mb']:.0f} / {r['peer_weight_mb']:.0f} "
              f"| {r['ours_gb_s']:.1f} / {r['peer_gb_s']:.1f} |" for r in rows]
     return "\n".join([head, *lines])
 
@@ -219,10 +229,10 @@ def main() -> None:
     make_checkpoint(checkpoint)
     rows = []
     for name in args.rows.split(","):
-        precision, peer_format, peer_hints = ROWS[name]
-        ours_dir = args.workdir / f"ours-{precision}"
+        precision, options, peer_format, peer_hints = ROWS[name]
+        ours_dir = args.workdir / f"ours-{precision}{'-' if options else ''}{'-'.join(options).replace('=', '')}"
         peer_dir = args.workdir / f"peer-{peer_format}"
-        export_ours(checkpoint, ours_dir, precision, args.threads)
+        export_ours(checkpoint, ours_dir, precision, options)
         export_peer(args.optimum_cli, checkpoint, peer_dir, peer_format)
         rows.append(bench_row(name, ours_dir, peer_dir / "openvino_model.xml", peer_hints, args.threads,
                               args.rounds, args.decode_steps))

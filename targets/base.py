@@ -42,7 +42,9 @@ class LowerInput:
 
     def program(self) -> ExportedProgram:
         """A private copy of the weight-free program (placeholders are shared, they are tiny)."""
-        return copy.deepcopy(self.traced)
+        # Without the memo, deepcopy clones each zero-stride placeholder into a full dense tensor.
+        shared = {id(t): t for t in self.traced.state_dict.values()}
+        return copy.deepcopy(self.traced, shared)
 
     def weight(self, name: str) -> torch.Tensor:
         """One weight by canonical parameter name, in the traced dtype (tied lm_head resolved)."""

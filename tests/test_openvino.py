@@ -146,13 +146,32 @@ def test_int4_is_compressed_by_nncf(workdir: Path) -> None:
     artifact = _build(workdir, "int4", precision="int4", validate=False)
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["target"]["compression"]["mode"] == "int4_sym"
+    assert manifest["target"]["compression"]["all_layers"] is True
     # 128 and 64 do not divide every width (hidden 64, intermediate 160): the largest that does.
     assert manifest["target"]["compression"]["group_size"] == 32
     model = ov.Core().read_model(artifact / "openvino_model.xml")
     types = Counter(op.get_output_element_type(0).get_type_name() for op in model.get_ops()
                     if op.get_type_name() == "Constant")
-    assert types["i4"] >= 7 * LAYERS  # every projection of every layer
+    assert types["i4"] >= 7 * LAYERS + 2  # every projection of every layer, the embedding and lm_head
+    assert types["u8"] == types["i8"] == 0
     assert _ops(artifact)["ScaledDotProductAttention"] == LAYERS
+
+
+def test_private_program_copy_keeps_placeholders_small() -> None:
+    """LowerInput.program() must not turn the zero-stride weight stand-ins into dense tensors."""
+    import torch
+
+    from exporter.checkpoint import PresetWeights
+    from exporter.config import preset
+    from exporter.trace import TraceSpec, trace
+    from targets.base import LowerInput
+
+    traced = trace(TraceSpec(preset("tiny"), 16, torch.float32))
+    inp = LowerInput(traced, preset("tiny"), 16, "fp32", PresetWeights("tiny"), "cpu", None)
+    copy = inp.program()
+    assert copy is not traced and copy.graph is not traced.graph
+    for name, value in copy.state_dict.items():
+        assert value.untyped_storage().nbytes() == value.element_size(), name
 
 
 def test_unknown_device_lists_the_supported_ones(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.export import ExportedProgram
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from exporter.attention import CACHED_ATTENTION_OP, attention_mask, write_cache
+from exporter.attention import CACHED_ATTENTION_OP, MASK_FLOOR, attention_mask, write_cache
 
 WEIGHT_PREFIX = "weight:"
 
@@ -70,7 +70,7 @@ def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
 def sdpa(q: Tensor, keys: Tensor, values: Tensor, seen: Tensor) -> Tensor:
     """SDPA with an additive mask; the finite floor keeps a fully masked (padding) row finite."""
     n_rep = q.shape[1] // keys.shape[1]
-    bias = torch.where(seen, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+    bias = torch.where(seen, 0.0, MASK_FLOOR).to(q.dtype)
     return F.scaled_dot_product_attention(q, repeat_kv(keys, n_rep), repeat_kv(values, n_rep), attn_mask=bias)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from exporter.config import MistralConfig
-from exporter.errors import UserError
+from exporter.errors import TargetUnavailable, UserError
 
 # Our lower-case device names -> OpenVINO's.
 DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU", "auto": "AUTO"}
@@ -33,6 +33,7 @@ class OpenVinoOptions:
     mode: str = ""  # int8: asym | sym; int4: sym | asym; "" = the first
     group_size: int = 0  # int4 group; 0 = 128 or the largest of 64/32/16 dividing every layer; -1 = per channel
     ratio: float = 1.0  # int4: share of weights in int4, the rest int8
+    all_layers: bool = True  # int4: embedding and lm_head in int4 too; false keeps them int8 (nncf's backup)
     threads: int = 0  # inference threads; 0 = runtime default
 
 
@@ -88,7 +89,11 @@ def group_size(cfg: MistralConfig, options: OpenVinoOptions) -> int:
 def check_options(cfg: MistralConfig, precision: str, options: OpenVinoOptions) -> None:
     """Every option problem, raised before conversion starts."""
     runtime_hints(precision, options)
-    compression_mode(precision, options)
+    if compression_mode(precision, options):
+        try:
+            import nncf  # noqa: F401
+        except ImportError:
+            raise TargetUnavailable(f"--precision {precision} needs nncf: pip install 'mistral-export[openvino]'") from None
     if precision == "int4":
         group_size(cfg, options)
         if not 0.0 < options.ratio <= 1.0:

@@ -44,9 +44,15 @@ def resolve_device(core: Any, device: str) -> str:
 
 
 def compile_config(core: Any, device: str, hints: dict[str, str], threads: int) -> dict[str, str]:
-    """The properties to compile with: only those the device supports (NPU has no KV_CACHE_PRECISION)."""
+    """The properties to compile with: only those the device supports (NPU has no KV_CACHE_PRECISION).
+
+    An f16 inference hint on a device without FP16 arithmetic would silently run bf16, which has fewer
+    mantissa bits than fp16: such a device computes in f32 instead (weights and cache stay f16)."""
     supported = set(core.get_property(device, "SUPPORTED_PROPERTIES"))
     config = {"PERFORMANCE_HINT": "LATENCY", **hints}
+    if config.get("INFERENCE_PRECISION_HINT") == "f16" and device != "AUTO" \
+            and "FP16" not in core.get_property(device, "OPTIMIZATION_CAPABILITIES"):
+        config["INFERENCE_PRECISION_HINT"] = "f32"
     if threads:
         config["INFERENCE_NUM_THREADS"] = str(threads)
     return {k: v for k, v in config.items() if device == "AUTO" or k in supported}
