@@ -26,9 +26,10 @@ GATES: dict[str, dict[str, float]] = {
     # OpenVINO 1.8e-6 max_abs).
     "fp32": {"max_abs": 1e-4, "mean_abs": 1e-5, "kl": 1e-6, "cosine": 0.99999, "top1": 0.99,
              "teacher_forced_match": 0.99, "free_running_match": 0.9},
-    # fp16: OpenVINO CPU max_abs 0.039 / mean 0.0075 / kl 6.5e-5 (this CPU has no native f16), Core ML
-    # MIL 0.0074, ORT 0.0042, TensorRT ONNX on ORT 0.0036.
-    "fp16": {"max_abs": 8e-2, "mean_abs": 1.5e-2, "kl": 1e-3, "cosine": 0.999, "top1": 0.95,
+    # fp16: Core ML MIL max_abs 7.4e-3 / mean 1.3e-3, ORT 4.2e-3, TensorRT ONNX on ORT 3.6e-3, OpenVINO
+    # 2.9e-3 (f16 weights and cache; on CPUs without f16 arithmetic the runner computes in f32, since an
+    # f16 hint there silently runs bf16 and measured 3.9e-2).
+    "fp16": {"max_abs": 2e-2, "mean_abs": 3e-3, "kl": 1e-3, "cosine": 0.999, "top1": 0.95,
              "teacher_forced_match": 0.95, "free_running_match": 0.5},
     # bf16 keeps 8 mantissa bits: OpenVINO CPU max_abs 0.049 / mean 0.009 / kl 1e-4.
     "bf16": {"max_abs": 1e-1, "mean_abs": 2e-2, "kl": 1e-2, "cosine": 0.995, "top1": 0.9,
