@@ -74,13 +74,6 @@ def test_fp32_parity_past_window_ragged_batch(model: Any, fp32_artifact: Path, r
     assert result.generation["reference_tokens"] == result.generation["target_tokens"]
 
 
-def test_rope_kept_in_graph_parity(model: Any, checkpoint: Path, reference: Any, tmp_path: Path) -> None:
-    artifact = _build(checkpoint, tmp_path / "rope-in-graph", fuse_rotary=False)
-    assert _ops(artifact).count("GroupQueryAttention") == model.config.num_hidden_layers and "Cos" in _ops(artifact)
-    result = _parity(model, artifact, "fp32", reference)
-    assert result.passed and result.worst()["max_abs"] <= 1e-4
-
-
 def test_cpu_fp32_graph_is_gqa_without_softmax_attention(model: Any, fp32_artifact: Path) -> None:
     ops = _ops(fp32_artifact)
     layers = model.config.num_hidden_layers
@@ -140,6 +133,22 @@ def test_quantized_graph_equals_its_dequantized_weights(model: Any, checkpoint: 
     assert vs_fp32.worst()["kl"] <= gates["kl"] and vs_fp32.worst()["cosine"] >= gates["cosine"]
 
 
+def test_lowering_leaves_the_traced_program_unchanged(model: Any, checkpoint: Path, tmp_path: Path) -> None:
+    from exporter.checkpoint import CheckpointFolder
+    from exporter.config import config_from_dict
+    from exporter.trace import TraceSpec, trace
+    from targets.base import LowerInput
+    from targets.onnxruntime.target import OnnxRuntimeOptions, OnnxRuntimeTarget
+
+    cfg = config_from_dict(model.config.to_dict())
+    program = trace(TraceSpec(cfg, cfg.sliding_window, torch.float32))
+    code, weights = program.graph_module.code, dict(program.state_dict)
+    OnnxRuntimeTarget().lower(LowerInput(program, cfg, cfg.sliding_window, "int4", CheckpointFolder(checkpoint),
+                                         "cpu", OnnxRuntimeOptions()), tmp_path)
+    assert program.graph_module.code == code
+    assert all(program.state_dict[k] is v and 0 in v.stride() for k, v in weights.items() if v.dim() > 1)
+
+
 def test_bad_artifact_files_are_refused(fp32_artifact: Path, tmp_path: Path) -> None:
     def copy(name: str) -> Path:
         return Path(shutil.copytree(fp32_artifact, tmp_path / name))
@@ -187,11 +196,14 @@ def test_runner_refuses_positions_that_skip_tokens(fp32_artifact: Path) -> None:
         runner.step(np.array([[8, 9]]), np.array([[-1, 3]]))
 
 
-def test_fp16_on_cpu_stores_fp16_and_computes_fp32(model: Any, checkpoint: Path, reference: Any,
-                                                    tmp_path: Path) -> None:
-    artifact = _build(checkpoint, tmp_path / "fp16", "fp16")
+def test_fp16_on_cpu_with_rope_in_graph(model: Any, checkpoint: Path, reference: Any, tmp_path: Path) -> None:
+    """cpu/fp16 stores fp16 weights and computes in fp32; RoPE kept in the graph in front of GQA
+    (the form used when head_dim is not a multiple of 16)."""
+    artifact = _build(checkpoint, tmp_path / "fp16", "fp16", fuse_rotary=False)
+    ops = _ops(artifact)
+    assert ops.count("GroupQueryAttention") == model.config.num_hidden_layers and "Cos" in ops
     graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
-    weights = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    weights = [t for t in graph.initializer if t.name.endswith("weight")]
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
     assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in graph.input if i.name.startswith("past"))
     result = _parity(model, artifact, "fp16", reference)

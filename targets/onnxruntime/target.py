@@ -4,7 +4,7 @@ Lowering: torch.onnx translates the program with a custom translation of the cac
 onto com.microsoft::GroupQueryAttention (translate.py). That keeps GQA's own fused kernel and its
 in-place windowed cache, which a generic converter cannot reach from the decomposed program (it
 would emit Softmax attention plus a scatter that copies the cache every step). A few graph passes
-then do what GQA needs: onnxruntime-genai's IO, RoPE folded into GQA, packed MatMuls, and streamed
+then do what GQA needs: onnxruntime-genai's IO, RoPE folded into GQA, packed q/k/v, and streamed
 weights. Pairs without a GQA kernel take the decomposed program through the standard opset-23
 Attention op instead (kernels.py has the table). Parity for both forms comes from the validation
 stage: the canonical fp32 program is the reference.
@@ -12,6 +12,7 @@ stage: the canonical fp32 program is the reference.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ class OnnxRuntimeTarget:
         target = manifest["target"]
         device = device or target["device"]
         check_supported(self, device, target["precision"], self.support_table)
-        options = OnnxRuntimeOptions(**target["options"])
+        known = {f.name for f in dataclasses.fields(OnnxRuntimeOptions)}
+        options = OnnxRuntimeOptions(**{k: v for k, v in target["options"].items() if k in known})
         cache = manifest["cache"]
         sess = session(Path(artifact) / MODEL_FILE, device, options.intra_op_threads)
         if target["attention"] == kernels.GQA:
