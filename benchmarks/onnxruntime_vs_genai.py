@@ -73,17 +73,21 @@ def build_peer(checkpoint: Path, out: Path, precision: str, block_size: int | No
 
 def weight_bytes(model_file: Path) -> int:
     """Bytes of every initializer a decode step reads: all but the ones feeding a Gather (the
-    embedding, of which a step reads one row)."""
+    embedding, of which a step reads one row). An fp16 initializer cast to fp32 (our cpu/fp16) is
+    read as fp32: ORT folds the cast at session start."""
     import onnx
 
     m = onnx.load(str(model_file), load_external_data=False)
     gathered = {n.input[0] for n in m.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")}
+    widened = {n.input[0] for n in m.graph.node
+               if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT}
     total = 0
     for t in m.graph.initializer:
         if t.name in gathered:
             continue
         ext = {e.key: e.value for e in t.external_data}
-        total += int(ext["length"]) if "length" in ext else len(t.raw_data)
+        size = int(ext["length"]) if "length" in ext else len(t.raw_data)
+        total += 2 * size if t.name in widened and t.data_type == onnx.TensorProto.FLOAT16 else size
     return total
 
 
@@ -107,7 +111,15 @@ def _worker(conn: Any, model_dir: str, threads: int, capacity: int, window: int,
             conn.send(_request(runner, rng, *msg))
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which stops the run
             conn.send(f"{type(exc).__name__}: {exc}")
-    conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    conn.send(peak_rss_mb())
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM: unlike ru_maxrss it does not carry the spawning parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _request(runner: Any, rng: np.random.Generator, kind: str, n: int) -> float:
