@@ -146,6 +146,7 @@ def test_int4_is_compressed_by_nncf(workdir: Path) -> None:
     artifact = _build(workdir, "int4", precision="int4", validate=False)
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["target"]["compression"]["mode"] == "int4_sym"
+    assert manifest["target"]["compression"]["streamed"] is True
     assert manifest["target"]["compression"]["all_layers"] is True
     # 128 and 64 do not divide every width (hidden 64, intermediate 160): the largest that does.
     assert manifest["target"]["compression"]["group_size"] == 32
@@ -157,8 +158,7 @@ def test_int4_is_compressed_by_nncf(workdir: Path) -> None:
     assert _ops(artifact)["ScaledDotProductAttention"] == LAYERS
 
 
-def test_private_program_copy_keeps_placeholders_small() -> None:
-    """LowerInput.program() must not turn the zero-stride weight stand-ins into dense tensors."""
+def _tiny_lower_input(precision: str) -> object:
     import torch
 
     from exporter.checkpoint import PresetWeights
@@ -167,7 +167,50 @@ def test_private_program_copy_keeps_placeholders_small() -> None:
     from targets.base import LowerInput
 
     traced = trace(TraceSpec(preset("tiny"), 16, torch.float32))
-    inp = LowerInput(traced, preset("tiny"), 16, "fp32", PresetWeights("tiny"), "cpu", None)
+    return LowerInput(traced, preset("tiny"), 16, precision, PresetWeights("tiny"), "cpu", None)
+
+
+def _constants(model: object) -> Counter:
+    """Every Constant as (type, shape, raw bytes): the IR's weights, independent of node names."""
+    return Counter((str(op.get_output_element_type(0)), tuple(op.get_output_shape(0)),
+                    bytes(np.ascontiguousarray(op.get_tensor_view().data).view(np.uint8)))
+                   for op in model.get_ordered_ops() if op.get_type_name() == "Constant")
+
+
+@pytest.mark.parametrize("precision,options", [("int8", {"mode": "asym"}), ("int4", {"mode": "sym"}),
+                                               ("int4", {"mode": "asym", "all_layers": False})])
+def test_streamed_compression_equals_nncf_whole_model(precision: str, options: dict) -> None:
+    """Compressing each weight as it streams in gives the IR nncf.compress_weights makes of the bound
+    float model: the same ops and the same constants, byte for byte."""
+    from targets.openvino import compress, convert, weights
+    from targets.openvino.options import OpenVinoOptions
+
+    inp = _tiny_lower_input(precision)
+    opts = OpenVinoOptions(**options)
+    streamed = convert.convert(inp.program(), "concat").model
+    weights.bind(streamed, inp.weight, inp.progress, compress.tensor_configs(inp.config, precision, opts))
+    whole = convert.convert(inp.program(), "concat").model
+    weights.bind(whole, inp.weight, inp.progress)
+    assert any(op.get_output_element_type(0).is_real() for op in whole.get_ops() if op.get_type_name() == "Constant")
+    compress.compress_whole(whole, inp.config, precision, opts)
+    assert Counter(op.get_type_name() for op in streamed.get_ops()) == Counter(op.get_type_name() for op in whole.get_ops())
+    assert _constants(streamed) == _constants(whole)
+
+
+def test_int4_ratio_below_one_takes_the_whole_model_pass(workdir: Path) -> None:
+    artifact = _build(workdir, "int4-ratio", precision="int4", validate=False, ratio="0.5")
+    compression = json.loads((artifact / "manifest.json").read_text())["target"]["compression"]
+    assert compression["streamed"] is False and compression["ratio"] == 0.5
+    model = ov.Core().read_model(artifact / "openvino_model.xml")
+    types = Counter(op.get_output_element_type(0).get_type_name() for op in model.get_ops()
+                    if op.get_type_name() == "Constant" and op.get_output_element_type(0).bitwidth in (4, 8))
+    assert types["i4"] > 0 and types["u8"] > 0  # part int4, the rest the int8 backup
+
+
+def test_private_program_copy_keeps_placeholders_small() -> None:
+    """LowerInput.program() must not turn the zero-stride weight stand-ins into dense tensors."""
+    inp = _tiny_lower_input("fp32")
+    traced = inp.traced
     copy = inp.program()
     assert copy is not traced and copy.graph is not traced.graph
     for name, value in copy.state_dict.items():

@@ -1,28 +1,109 @@
-"""Weight-only compression with NNCF (data-free): int8 per channel, int4 per group with an int8 backup."""
+"""Weight-only compression with NNCF (data-free): int8 per channel, int4 per group with an int8 backup.
+
+Streamed by default: each weight is quantized by NNCF's own per-tensor lowering (``compress_weight``)
+the moment it is read, and enters the IR already compressed, in the decompression pattern NNCF's
+whole-model pass writes (Constant -> Convert f16 [-> Subtract zero point] -> Multiply scale
+[-> Reshape groups] -> Convert to the graph's dtype), which the CPU plugin folds into its MatMul and
+Gather kernels. So the float model never exists in full and the peak is the compressed model plus one
+float tensor. The tests check that the streamed IR equals what ``nncf.compress_weights`` makes of the
+bound float model, constant for constant.
+
+Only int4 with ``ratio < 1`` takes the whole-model pass: choosing which weights stay int8 ranks all of
+them by sensitivity at once, so it binds the full float model first (about 4 bytes per parameter).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from exporter.config import MistralConfig
 from targets.openvino.options import OpenVinoOptions, compression_mode, group_size
 
+# Not counted in NNCF's int4 ratio without all_layers: they take the int8 backup (optimum-intel's default).
+EDGE_WEIGHTS = ("model.embed_tokens.weight", "lm_head.weight")
+BACKUP_MODE = "int8_asym"
 
-def compress(model: object, cfg: MistralConfig, precision: str, options: OpenVinoOptions) -> dict[str, Any]:
-    """Compress model's weights in place for int8/int4; returns what the manifest records."""
+TensorConfig = Callable[[str], Any]  # canonical weight name -> WeightCompressionConfig, or None = keep float
+
+
+def record(cfg: MistralConfig, precision: str, options: OpenVinoOptions) -> dict[str, Any]:
+    """What the manifest records about compression ({} for float precisions)."""
     mode = compression_mode(precision, options)
     if mode is None:
         return {}
+    rec: dict[str, Any] = {"library": "nncf", "mode": mode, "streamed": streamable(precision, options)}
+    if precision == "int4":
+        # all_layers puts the embedding and lm_head in int4 as well: the lm_head is a fifth of this
+        # model's bytes per token. Without it they stay int8; the share (1 - ratio) of the rest is int8 either way.
+        rec.update(group_size=group_size(cfg, options), ratio=options.ratio, all_layers=options.all_layers,
+                   backup=BACKUP_MODE)
+    return rec
+
+
+def streamable(precision: str, options: OpenVinoOptions) -> bool:
+    """Whether every weight's compression is known before reading any (all but int4 with ratio < 1)."""
+    return precision != "int4" or options.ratio == 1.0
+
+
+def tensor_configs(cfg: MistralConfig, precision: str, options: OpenVinoOptions) -> TensorConfig | None:
+    """Per-weight NNCF configs for streaming, or None when there is nothing to stream-compress."""
+    mode = compression_mode(precision, options)
+    if mode is None or not streamable(precision, options):
+        return None
+    import nncf
+    from nncf.quantization.algorithms.weight_compression.config import WeightCompressionConfig
+
+    main = WeightCompressionConfig(nncf.CompressWeightsMode(mode), group_size(cfg, options) if precision == "int4" else -1)
+    backup = WeightCompressionConfig(nncf.CompressWeightsMode(BACKUP_MODE))
+    keep_edges_int8 = precision == "int4" and not options.all_layers
+
+    def config(name: str) -> Any:
+        if name.endswith("norm.weight"):  # RMSNorm gains: 1-D, not weights of a MatMul or Gather
+            return None
+        return backup if keep_edges_int8 and name in EDGE_WEIGHTS else main
+
+    return config
+
+
+def compressed(tensor: torch.Tensor, config: Any, name: str, dtype: object) -> object:
+    """The decompression subgraph of one [out, in] weight, quantized along `in`, ending in the graph's
+    dtype; returns its output."""
+    import openvino as ov
+    from nncf.common.utils.caching import disable_results_caching
+    from nncf.openvino.graph.node_utils import create_ov_const_from_tensor
+    from nncf.openvino.optimized_functions.models import OV_MODEL_CACHE
+    from nncf.quantization.algorithms.weight_compression.weight_lowering import compress_weight
+    from nncf.tensor import Tensor
+    from nncf.tensor.functions.openvino_numeric import DTYPE_MAP
+    from openvino import opset13 as opset
+
+    from targets.openvino.weights import to_ov_tensor
+
+    # Cached compiled functions reuse their output buffers, which the Constants below share: NNCF's own
+    # pass turns the cache off here for the same reason.
+    with disable_results_caching(OV_MODEL_CACHE):
+        q = compress_weight(Tensor(to_ov_tensor(tensor)), (1,), config)
+    node = opset.convert(create_ov_const_from_tensor(q.tensor, DTYPE_MAP[config.compression_dtype], name=name),
+                         ov.Type.f16)
+    if q.zero_point is not None:
+        zero_point = create_ov_const_from_tensor(q.zero_point, DTYPE_MAP[config.compression_dtype],
+                                                 name=f"{name}/zero_point")
+        node = opset.subtract(node, opset.convert(zero_point, ov.Type.f16), name=f"{name}/zero_point/subtract")
+    scale = create_ov_const_from_tensor(q.scale, ov.Type.f16, name=f"{name}/scale")
+    node = opset.multiply(node, scale, name=f"{name}/fq_weights")
+    if config.group_size != -1:
+        node = opset.reshape(node, output_shape=list(tensor.shape), special_zero=False)
+    return opset.convert(node, dtype, name=f"{name}/fq_weights/convert").output(0)
+
+
+def compress_whole(model: object, cfg: MistralConfig, precision: str, options: OpenVinoOptions) -> None:
+    """nncf.compress_weights over the bound float model: the int4 ratio < 1 path."""
     import nncf
 
-    kwargs: dict[str, Any] = {"mode": nncf.CompressWeightsMode(mode)}
-    record: dict[str, Any] = {"library": "nncf", "mode": mode}
+    kwargs: dict[str, Any] = {"mode": nncf.CompressWeightsMode(compression_mode(precision, options))}
     if precision == "int4":
-        group = group_size(cfg, options)
-        kwargs.update(group_size=group, ratio=options.ratio, all_layers=options.all_layers)
-        # all_layers puts the embedding and lm_head in int4 as well: the lm_head is a fifth of this
-        # model's bytes per token. Without it they stay int8 (nncf's backup, optimum-intel's default);
-        # the share (1 - ratio) of the other weights is int8 either way.
-        record.update(group_size=group, ratio=options.ratio, all_layers=options.all_layers, backup="int8_asym")
+        kwargs.update(group_size=group_size(cfg, options), ratio=options.ratio, all_layers=options.all_layers)
     nncf.compress_weights(model, **kwargs)
-    return record

@@ -1,8 +1,8 @@
 """The openvino target: lower the exported program to an OpenVINO IR and drive it with a Runner.
 
 Steps of ``lower``, in order: check options and device; convert (weights as Parameters); name the
-ports; stateful transformation (default); bind weights one tensor at a time; NNCF compression for
-int8/int4; ``save_model`` without the silent fp16 compression; tokenizer IRs where convertible.
+ports; stateful transformation (default); bind weights one tensor at a time, int8/int4 compressed by
+NNCF as they stream in; ``save_model`` without the silent fp16 compression; tokenizer IRs where convertible.
 """
 
 from __future__ import annotations
@@ -65,8 +65,12 @@ class OpenVinoTarget:
         if not options.stateless:
             stateful.add_beam_idx(model, cfg)
             stateful.make_stateful(model, cfg)
-        weights.bind(model, inp.weight, inp.progress)
-        compression = compress.compress(model, cfg, inp.precision, options)
+        configs = compress.tensor_configs(cfg, inp.precision, options)
+        weights.bind(model, inp.weight, inp.progress, configs)
+        compression = compress.record(cfg, inp.precision, options)
+        if compression and not compression["streamed"]:
+            inp.progress("compressing the whole model (int4 ratio < 1)", 0.0)
+            compress.compress_whole(model, cfg, inp.precision, options)
         ops = stateful.op_counts(model)
         if ops.get(KERNEL, 0) != cfg.num_hidden_layers:
             raise AssertionError(f"expected one {KERNEL} per layer, the IR has {ops.get(KERNEL, 0)}")

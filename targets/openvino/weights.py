@@ -1,8 +1,9 @@
 """Bind real weights into the converted model, one tensor at a time.
 
 Conversion left every weight as a Parameter named ``weight:<canonical name>``. Each is replaced by a
-Constant that owns a copy of the streamed tensor, and the tensor is dropped before the next one is
-read, so the peak is the model's constants plus one tensor in flight (measured in the README).
+Constant that owns a copy of the streamed tensor (or, for int8/int4, by its NNCF-compressed form, see
+compress.py), and the tensor is dropped before the next one is read, so the peak is the model's
+constants plus one tensor in flight (measured in the README).
 """
 
 from __future__ import annotations
@@ -12,21 +13,27 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from targets.openvino.compress import TensorConfig, compressed
 from targets.openvino.convert import WEIGHT_PREFIX
 
 Progress = Callable[[str, float], None]
 
 
-def to_constant(tensor: torch.Tensor) -> object:
-    """An OpenVINO Constant holding its own copy of tensor (bf16 kept as bf16)."""
+def to_ov_tensor(tensor: torch.Tensor) -> object:
+    """An ov.Tensor over tensor's memory (bf16 kept as bf16)."""
     import openvino as ov
 
     tensor = tensor.detach().contiguous()
     if tensor.dtype == torch.bfloat16:
-        data = ov.Tensor(tensor.view(torch.int16).numpy(), list(tensor.shape), ov.Type.bf16)
-    else:
-        data = ov.Tensor(tensor.numpy())
-    return ov.op.Constant(data, shared_memory=False)
+        return ov.Tensor(tensor.view(torch.int16).numpy(), list(tensor.shape), ov.Type.bf16)
+    return ov.Tensor(tensor.numpy())
+
+
+def to_constant(tensor: torch.Tensor) -> object:
+    """An OpenVINO Constant holding its own copy of tensor."""
+    import openvino as ov
+
+    return ov.op.Constant(to_ov_tensor(tensor), shared_memory=False)
 
 
 def weight_parameters(model: object) -> dict[str, object]:
@@ -39,17 +46,23 @@ def weight_parameters(model: object) -> dict[str, object]:
     return found
 
 
-def bind(model: object, lookup: Callable[[str], torch.Tensor], progress: Progress) -> int:
-    """Replace each weight Parameter with a Constant of lookup(name); returns the bytes bound."""
+def bind(model: object, lookup: Callable[[str], torch.Tensor], progress: Progress,
+         configs: TensorConfig | None = None) -> int:
+    """Replace each weight Parameter with a Constant of lookup(name), compressed where configs(name)
+    gives an NNCF config; returns the float bytes read."""
     params = weight_parameters(model)
     total = 0
     for i, (name, param) in enumerate(params.items()):
         tensor = lookup(name)
-        const = to_constant(tensor)
         total += tensor.numel() * tensor.element_size()
+        config = configs(name) if configs else None
+        if config is None:
+            out = to_constant(tensor).output(0)
+        else:
+            out = compressed(tensor, config, name, param.get_output_element_type(0))
         del tensor
-        const.output(0).get_tensor().set_names({name})
-        param.output(0).replace(const.output(0))
+        out.get_tensor().set_names({name})
+        param.output(0).replace(out)
         model.remove_parameter(param)
         progress(f"weights {name}", (i + 1) / len(params))
     model.validate_nodes_and_infer_types()
