@@ -37,6 +37,8 @@ def test_onnx_has_single_output_attention_and_no_softmax(onnx_artifact: Path) ->
     attention = [n for n in model.graph.node if n.op_type == "Attention"]
     assert len(attention) == 2 and all(len([o for o in n.output if o]) == 1 for n in attention)
     assert "Softmax" not in ops and model.opset_import[0].version == 23
+    # Standard ONNX only: TensorRT's parser takes no ONNX Runtime contrib ops (fused RMSNorm included).
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"} and "SimplifiedLayerNormalization" not in ops
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
     assert dims["input_ids"] == ["batch", "chunk"] and dims["past_key.0"] == ["batch", 2, 16, 16]
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import onnx_ir as ir
 import onnxscript.optimizer
@@ -44,10 +45,13 @@ def quiet() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def to_onnx(program: ExportedProgram, cfg: MistralConfig, capacity: int, attention: str) -> ir.Model:
+def to_onnx(program: ExportedProgram, cfg: MistralConfig, capacity: int, attention: str,
+            fuse_norms: bool = True) -> ir.Model:
     """Translate the program: cached_attention onto GQA ("gqa"), or decomposed into the standard
     Attention op and scatters ("onnx-attention"). Weights become graph inputs tagged WEIGHT_META.
-    Call it inside quiet(): the libraries log every step."""
+    fuse_norms folds RMSNorm into ONNX Runtime's (Skip)SimplifiedLayerNormalization, which other
+    consumers of the ONNX (TensorRT's parser) do not take. Call it inside quiet(): the libraries log
+    every step."""
     weights = list(program.state_dict)
     table = {}
     if attention == "gqa":
@@ -66,10 +70,23 @@ def to_onnx(program: ExportedProgram, cfg: MistralConfig, capacity: int, attenti
         value.meta[WEIGHT_META] = (name,)
         model.graph.inputs.append(value)
     onnxscript.optimizer.optimize(model)
-    fuse_rms_normalization(model)
-    fuse_skip_rms_normalization(model)
-    onnxscript.optimizer.optimize(model)
+    if fuse_norms:
+        fuse_rms_normalization(model)
+        fuse_skip_rms_normalization(model)
+        onnxscript.optimizer.optimize(model)
     return model
+
+
+def save(model: ir.Model, path: Path, data_file: str, progress: Callable[[str, float], None], label: str) -> None:
+    """Write the model with its lazily bound weights streamed into data_file, one tensor at a time."""
+    model.producer_name = "mistral-export"
+    total = len(model.graph.initializers)
+    done = iter(range(1, total + 1))
+
+    def written(tensor: ir.TensorProtocol, _: object) -> None:
+        progress(f"{label}: writing {tensor.name}", next(done) / total)
+
+    ir.save(model, path, external_data=data_file, callback=written)
 
 
 def weight_inputs(model: ir.Model) -> list[ir.Value]:

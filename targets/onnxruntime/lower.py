@@ -14,7 +14,7 @@ from exporter.contract import CacheContract, TensorSpec
 from exporter.errors import UserError
 from targets.base import LowerInput, Lowered
 from targets.onnxruntime import kernels
-from targets.onnxruntime.export import quiet, to_onnx
+from targets.onnxruntime.export import quiet, save, to_onnx
 from targets.onnxruntime.genai import genai_config, write_genai_config
 from targets.onnxruntime.passes.io import canonical_io, genai_io
 from targets.onnxruntime.passes.packing import pack_qkv
@@ -118,14 +118,7 @@ def lower_to_files(inp: LowerInput, out_dir: Path) -> Lowered:
         bind_weights(model, inp.weight, quant, keep_float)
         if _upcast(inp):
             compute_in_fp32(model)
-    model.producer_name = "mistral-export"
-    total = len(model.graph.initializers)
-    done = iter(range(1, total + 1))
-
-    def written(tensor: ir.TensorProtocol, _: object) -> None:
-        inp.progress(f"onnx: writing {tensor.name}", next(done) / total)
-
-    ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE, callback=written)
+    save(model, out_dir / MODEL_FILE, DATA_FILE, inp.progress, "onnx")
     if chosen.attention == kernels.GQA:
         window = inp.config.sliding_window
         context = extra.get("rotary_positions", inp.config.max_position_embeddings) if window else inp.capacity

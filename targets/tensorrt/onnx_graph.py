@@ -1,58 +1,51 @@
 """The TensorRT-flavoured ONNX: the canonical program with each cached_attention node decomposed to a
 single-output opset-23 `Attention` (which the TensorRT ONNX parser maps to IAttention since 10.14),
-the ring-buffer write as ScatterElements, and the KV caches as explicit inputs and outputs."""
+the ring-buffer write as ScatterElements, and the KV caches as explicit inputs and outputs.
+
+It is ONNX Runtime's fallback export (targets/onnxruntime/export.py) without the RMSNorm fusions,
+which are ONNX Runtime contrib ops: so the weights stream into the external data file one tensor at
+a time, as they do for that target, instead of being bound into the program first.
+"""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-import onnx
-import torch
+import onnx_ir as ir
 
-from exporter.attention import decompose
-from exporter.trace import bind
 from targets.base import LowerInput
+from targets.onnxruntime.export import quiet, save, to_onnx
+from targets.onnxruntime.kernels import ONNX_ATTENTION
+from targets.onnxruntime.passes.io import canonical_io
+from targets.onnxruntime.passes.reshapes import drop_reshape_roundtrips
+from targets.onnxruntime.passes.weights import bind_weights
 
-OPSET = 23
 MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
 
 
-def io_names(layers: int) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "positions"] + [f"past_key.{i}" for i in range(layers)] + \
-        [f"past_value.{i}" for i in range(layers)]
-    outputs = ["logits"] + [f"present_key.{i}" for i in range(layers)] + [f"present_value.{i}" for i in range(layers)]
-    return inputs, outputs
-
-
-def _name_dims(path: Path) -> None:
+def _name_dims(model: ir.Model) -> None:
     """Give the exporter's symbolic dims (s12, s18, ...) the contract's names: batch and chunk."""
-    model = onnx.load(str(path), load_external_data=False)
-    for value in list(model.graph.input) + list(model.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].dim_param:
-            dims[0].dim_param = "batch"
-        if value.name in ("input_ids", "positions", "logits") and dims[1].dim_param:
-            dims[1].dim_param = "chunk"
-    onnx.save(model, str(path))
+    for value in list(model.graph.inputs) + list(model.graph.outputs):
+        dims = list(value.shape or ())
+        if dims and not isinstance(dims[0], int):
+            dims[0] = "batch"
+        if value.name in ("input_ids", "positions", "logits") and not isinstance(dims[1], int):
+            dims[1] = "chunk"
+        value.shape = ir.Shape(dims)
 
 
 def export_onnx(inp: LowerInput, out_dir: Path) -> Path:
     """Write out_dir/model.onnx (+ model.onnx.data) from the one exported program."""
-    program = inp.program()
-    bind(program, inp.weight)
-    inp.progress("tensorrt: exporting ONNX", 0.3)
-    names_in, names_out = io_names(inp.config.num_hidden_layers)
+    cfg = inp.config
+    inp.progress("tensorrt: exporting ONNX", 0.0)
     path = out_dir / MODEL_FILE
-    # The exporter logs that optional torchvision ops are absent; they are not used here.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    torch.onnx.export(decompose(program), (), f=str(path), opset_version=OPSET, dynamo=True,
-                      input_names=names_in, output_names=names_out, external_data=True, optimize=True,
-                      verify=False, verbose=False)
-    _name_dims(path)
+    with quiet():
+        # The traced program itself: to_onnx builds new programs and never mutates it.
+        model = to_onnx(inp.traced, cfg, inp.capacity, ONNX_ATTENTION, fuse_norms=False)
+        canonical_io(model, cfg.num_hidden_layers)
+        drop_reshape_roundtrips(model)
+        _name_dims(model)
+        bind_weights(model, inp.weight, None, lambda names: True)
+        save(model, path, DATA_FILE, inp.progress, "tensorrt")
     return path
-
-
-def attention_nodes(path: Path) -> list[onnx.NodeProto]:
-    model = onnx.load(str(path), load_external_data=False)
-    return [n for n in model.graph.node if n.op_type == "Attention"]
