@@ -75,6 +75,10 @@ def main() -> int:
     parser.add_argument("--peers", action="store_true", help="also run the peers' exporters")
     parser.add_argument("--genai-python", default=sys.executable, help="python with onnxruntime-genai")
     parser.add_argument("--optimum-cli", default="optimum-cli", help="optimum-cli of a venv with optimum-intel")
+    parser.add_argument("--optimum-checkpoint", type=Path, default=None,
+                        help="the checkpoint for optimum-intel if it differs (e.g. a config.json without "
+                             "layer_types, which optimum-intel 2.2 refuses)")
+    parser.add_argument("--peer-precisions", default="fp16,int8,int4")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="export-memory-"))
@@ -84,12 +88,14 @@ def main() -> int:
         rows.append((f"mistral-export {target}", precision, ours(args.checkpoint, target, precision, workdir)))
         print(f"{rows[-1][0]} {precision}: {rows[-1][2]}", flush=True)
     if args.peers:
-        for precision in ("fp16", "int4"):
+        precisions = args.peer_precisions.split(",")
+        for precision in precisions:
             rows.append(("onnxruntime-genai builder", precision,
                          genai_peer(args.genai_python, args.checkpoint, precision, workdir)))
             print(f"{rows[-1][0]} {precision}: {rows[-1][2]}", flush=True)
-        for fmt in ("fp16", "int4"):
-            rows.append(("optimum-intel", fmt, optimum_peer(args.optimum_cli, args.checkpoint, fmt, workdir)))
+        for fmt in precisions:
+            rows.append(("optimum-intel", fmt, optimum_peer(args.optimum_cli, args.optimum_checkpoint or args.checkpoint,
+                                                            fmt, workdir)))
             print(f"{rows[-1][0]} {fmt}: {rows[-1][2]}", flush=True)
     print(f"\ncheckpoint {args.checkpoint}\n")
     print("| exporter | precision | peak RSS GiB | output weights GiB | RSS / weights | wall s |")

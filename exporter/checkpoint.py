@@ -67,10 +67,11 @@ class WeightSource:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return expected_shapes(self.config)
 
-    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def tensor(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+        """The named tensor converted to dtype; None keeps the stored dtype (no conversion copy)."""
         raise NotImplementedError
 
-    def parameter(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def parameter(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
         """A canonical parameter by name; a tied lm_head resolves to the embedding."""
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
             name = "model.embed_tokens.weight"
@@ -96,7 +97,7 @@ class PresetWeights(WeightSource):
         self.config = preset(name)
         self.seed = seed
 
-    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def tensor(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
         shape = self.shapes()[name]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
         if name.endswith("norm.weight"):
@@ -108,7 +109,7 @@ class PresetWeights(WeightSource):
             # 1/sqrt(fan_in) keeps activations O(1) and makes the output distribution peaked, as a
             # trained model's is: near-uniform logits would make top-1 and KL checks meaningless.
             values = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
-        return values.to(dtype)
+        return values if dtype is None else values.to(dtype)
 
     def fingerprint(self) -> str:
         return f"preset:{self.name}:seed{self.seed}"
@@ -176,9 +177,10 @@ class CheckpointFolder(WeightSource):
                                   + "\nCheck that config.json belongs to these weights and that no shard is stale.")
         self._has = found
 
-    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def tensor(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
         with safe_open(self._where[name], framework="pt") as fh:
-            return fh.get_tensor(name).to(dtype)
+            stored = fh.get_tensor(name)
+        return stored if dtype is None else stored.to(dtype)
 
     def file_records(self) -> list[FileRecord]:
         if self._records is None:

@@ -50,6 +50,11 @@ class LowerInput:
         """One weight by canonical parameter name, in the traced dtype (tied lm_head resolved)."""
         return self.weights.parameter(name, next(iter(self.traced.state_dict.values())).dtype)
 
+    def stored_weight(self, name: str) -> torch.Tensor:
+        """One weight in the checkpoint's own dtype, for targets that convert it block by block
+        (a whole-tensor conversion to fp32 would double a bf16 tensor's footprint)."""
+        return self.weights.parameter(name, None)
+
 
 @dataclass
 class Lowered:

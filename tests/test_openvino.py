@@ -177,18 +177,24 @@ def _constants(model: object) -> Counter:
                    for op in model.get_ordered_ops() if op.get_type_name() == "Constant")
 
 
-@pytest.mark.parametrize("precision,options", [("int8", {"mode": "asym"}), ("int4", {"mode": "sym"}),
-                                               ("int4", {"mode": "asym", "all_layers": False})])
-def test_streamed_compression_equals_nncf_whole_model(precision: str, options: dict) -> None:
-    """Compressing each weight as it streams in gives the IR nncf.compress_weights makes of the bound
-    float model: the same ops and the same constants, byte for byte."""
+@pytest.mark.parametrize("precision,options,block", [
+    ("int8", {"mode": "asym"}, 20000), ("int4", {"mode": "sym"}, None), ("int4", {"mode": "asym"}, 20000),
+    ("int4", {"mode": "sym", "all_layers": False}, None)])
+def test_streamed_compression_equals_nncf_whole_model(precision: str, options: dict, block: int | None,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compressing each weight as it streams in (in blocks of rows, where `block` splits the
+    embedding and lm_head in two) gives the IR nncf.compress_weights makes of the bound float model:
+    the same ops and the same constants, byte for byte."""
     from targets.openvino import compress, convert, weights
     from targets.openvino.options import OpenVinoOptions
 
+    if block:
+        monkeypatch.setattr(compress, "BLOCK_ELEMENTS", block)
     inp = _tiny_lower_input(precision)
     opts = OpenVinoOptions(**options)
     streamed = convert.convert(inp.program(), "concat").model
-    weights.bind(streamed, inp.weight, inp.progress, compress.tensor_configs(inp.config, precision, opts))
+    weights.bind(streamed, inp.weight, inp.progress, compress.tensor_configs(inp.config, precision, opts),
+                 inp.stored_weight)
     whole = convert.convert(inp.program(), "concat").model
     weights.bind(whole, inp.weight, inp.progress)
     assert any(op.get_output_element_type(0).is_real() for op in whole.get_ops() if op.get_type_name() == "Constant")

@@ -15,8 +15,10 @@ them by sensitivity at once, so it binds the full float model first (about 4 byt
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from exporter.config import MistralConfig
@@ -26,6 +28,7 @@ from targets.openvino.options import OpenVinoOptions, compression_mode, group_si
 EDGE_WEIGHTS = ("model.embed_tokens.weight", "lm_head.weight")
 BACKUP_MODE = "int8_asym"
 
+BLOCK_ELEMENTS = 1 << 24  # rows are quantized in blocks of about this many weights (64 MB in fp32)
 TensorConfig = Callable[[str], Any]  # canonical weight name -> WeightCompressionConfig, or None = keep float
 
 
@@ -68,35 +71,85 @@ def tensor_configs(cfg: MistralConfig, precision: str, options: OpenVinoOptions)
     return config
 
 
+@dataclass
+class _Block:
+    """An owned copy of one NNCF result tensor: NNCF's compiled lowering reuses its output buffers."""
+
+    raw: np.ndarray  # 4-bit data packed two per byte when typed is set
+    shape: list[int]
+    typed: object | None  # the ov.Type of an OpenVINO-backed result; None = numpy, one value per element
+
+    @staticmethod
+    def of(t: Any) -> _Block:
+        from nncf.tensor import TensorBackend
+
+        if t.backend == TensorBackend.ov:
+            return _Block(np.array(t.data.data).reshape(-1), list(t.shape), t.data.get_element_type())
+        return _Block(np.array(t.data), list(t.shape), None)
+
+
+def _quantize(tensor: torch.Tensor, config: Any) -> list[tuple[_Block, _Block, _Block | None]]:
+    """NNCF's per-tensor lowering over blocks of rows: rows are quantized independently, and a block
+    bounds the lowering's float temporaries (measured: about 3x the fp32 input) to a few hundred MB.
+    Returns (data, scale, zero point) per block."""
+    from nncf.quantization.algorithms.weight_compression.weight_lowering import compress_weight
+    from nncf.tensor import Tensor
+
+    from targets.openvino.weights import to_ov_tensor
+
+    rows = tensor.shape[0]
+    blocks = -(-tensor.numel() // BLOCK_ELEMENTS)
+    # Even row counts keep every block's packed 4-bit data byte-aligned; equal blocks stay large enough
+    # for NNCF's optimized (OpenVINO-compiled) lowering, the path it takes for the whole tensor.
+    step = -(-rows // blocks)
+    step += step % 2
+    out = []
+    for r in range(0, rows, step):
+        # int8/int4 programs are traced in fp32: NNCF's whole-model pass would read fp32 constants.
+        block = tensor[r:r + step].to(torch.float32)
+        q = compress_weight(Tensor(to_ov_tensor(block)), (1,), config)
+        out.append((_Block.of(q.tensor), _Block.of(q.scale), None if q.zero_point is None else _Block.of(q.zero_point)))
+    return out
+
+
+def _join(blocks: list[_Block], dtype: object, name: str) -> object:
+    """One Constant from per-block results, stacked along rows."""
+    import openvino as ov
+    from openvino import opset13 as opset
+
+    if all(b.typed is not None for b in blocks):
+        shape = [sum(b.shape[0] for b in blocks), *blocks[0].shape[1:]]
+        data = ov.Tensor(np.concatenate([b.raw for b in blocks]), shape, blocks[0].typed)
+        return opset.constant(data, shared_memory=False, name=name)
+    return opset.constant(np.concatenate([b.raw for b in blocks]), dtype=dtype, name=name)
+
+
 def compressed(tensor: torch.Tensor, config: Any, name: str, dtype: object) -> object:
     """The decompression subgraph of one [out, in] weight, quantized along `in`, ending in the graph's
     dtype; returns its output."""
     import openvino as ov
-    from nncf.common.utils.caching import disable_results_caching
-    from nncf.openvino.graph.node_utils import create_ov_const_from_tensor
-    from nncf.openvino.optimized_functions.models import OV_MODEL_CACHE
-    from nncf.quantization.algorithms.weight_compression.weight_lowering import compress_weight
-    from nncf.tensor import Tensor
     from nncf.tensor.functions.openvino_numeric import DTYPE_MAP
     from openvino import opset13 as opset
 
-    from targets.openvino.weights import to_ov_tensor
-
-    # Cached compiled functions reuse their output buffers, which the Constants below share: NNCF's own
-    # pass turns the cache off here for the same reason.
-    with disable_results_caching(OV_MODEL_CACHE):
-        q = compress_weight(Tensor(to_ov_tensor(tensor)), (1,), config)
-    node = opset.convert(create_ov_const_from_tensor(q.tensor, DTYPE_MAP[config.compression_dtype], name=name),
-                         ov.Type.f16)
-    if q.zero_point is not None:
-        zero_point = create_ov_const_from_tensor(q.zero_point, DTYPE_MAP[config.compression_dtype],
-                                                 name=f"{name}/zero_point")
+    blocks = _quantize(tensor, config)
+    storage = DTYPE_MAP[config.compression_dtype]
+    node = opset.convert(_join([b[0] for b in blocks], storage, name), ov.Type.f16)
+    if blocks[0][2] is not None:
+        zero_point = _join([b[2] for b in blocks], storage, f"{name}/zero_point")
         node = opset.subtract(node, opset.convert(zero_point, ov.Type.f16), name=f"{name}/zero_point/subtract")
-    scale = create_ov_const_from_tensor(q.scale, ov.Type.f16, name=f"{name}/scale")
+    scale = _join([b[1] for b in blocks], ov.Type.f16, f"{name}/scale")
+    del blocks
     node = opset.multiply(node, scale, name=f"{name}/fq_weights")
     if config.group_size != -1:
         node = opset.reshape(node, output_shape=list(tensor.shape), special_zero=False)
     return opset.convert(node, dtype, name=f"{name}/fq_weights/convert").output(0)
+
+
+def release() -> None:
+    """Drop the compiled lowering functions NNCF caches per block shape."""
+    from nncf.openvino.optimized_functions import clear_ov_model_cache
+
+    clear_ov_model_cache()
 
 
 def compress_whole(model: object, cfg: MistralConfig, precision: str, options: OpenVinoOptions) -> None:

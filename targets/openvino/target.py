@@ -66,7 +66,9 @@ class OpenVinoTarget:
             stateful.add_beam_idx(model, cfg)
             stateful.make_stateful(model, cfg)
         configs = compress.tensor_configs(cfg, inp.precision, options)
-        weights.bind(model, inp.weight, inp.progress, configs)
+        weights.bind(model, inp.weight, inp.progress, configs, inp.stored_weight)
+        if configs:
+            compress.release()
         compression = compress.record(cfg, inp.precision, options)
         if compression and not compression["streamed"]:
             inp.progress("compressing the whole model (int4 ratio < 1)", 0.0)

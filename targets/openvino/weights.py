@@ -47,15 +47,16 @@ def weight_parameters(model: object) -> dict[str, object]:
 
 
 def bind(model: object, lookup: Callable[[str], torch.Tensor], progress: Progress,
-         configs: TensorConfig | None = None) -> int:
-    """Replace each weight Parameter with a Constant of lookup(name), compressed where configs(name)
-    gives an NNCF config; returns the float bytes read."""
+         configs: TensorConfig | None = None, stored: Callable[[str], torch.Tensor] | None = None) -> int:
+    """Replace each weight Parameter with a Constant of lookup(name), or, where configs(name) gives an
+    NNCF config, with the compressed form of stored(name) (the weight in any float dtype: compression
+    converts it block by block); returns the bytes read."""
     params = weight_parameters(model)
     total = 0
     for i, (name, param) in enumerate(params.items()):
-        tensor = lookup(name)
-        total += tensor.numel() * tensor.element_size()
         config = configs(name) if configs else None
+        tensor = (stored or lookup)(name) if config is not None else lookup(name)
+        total += tensor.numel() * tensor.element_size()
         if config is None:
             out = to_constant(tensor).output(0)
         else:
