@@ -25,7 +25,7 @@ from exporter import __version__
 from exporter.config import MistralConfig
 from exporter import attention as attention_module
 from exporter import model as model_module
-from exporter.model import MistralModel, empty_caches
+from exporter.model import MistralModel
 
 MAX_BATCH = 256
 
@@ -35,10 +35,11 @@ def cache_root() -> Path:
 
 
 def _graph_source_hash() -> str:
-    """The traced graph is a function of the model code too: a code change must miss the cache."""
+    """The traced program is a function of the model code and of this file (how it is traced and what
+    is saved with it): a change to either must miss the cache."""
     digest = hashlib.sha256()
-    for module in (model_module, attention_module):
-        digest.update(Path(module.__file__).read_bytes())
+    for path in (model_module.__file__, attention_module.__file__, __file__):
+        digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -59,9 +60,13 @@ class TraceSpec:
 
 def _example_inputs(spec: TraceSpec) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     # B = T = 2 and a non-empty past: an example of 1 would specialise the dim to a constant.
+    # The caches are zero-stride views: export reads only their shape and dtype, and dense ones would
+    # cost 2 GiB for Mistral 7B in fp32 (32 layers x K/V x [2, 8, 4096, 128]).
     ids = torch.zeros(2, 2, dtype=torch.long)
     positions = torch.tensor([[3, 4], [5, 6]])
-    k, v = empty_caches(spec.config, 2, spec.capacity, spec.dtype)
+    shape = (2, spec.config.num_key_value_heads, spec.capacity, spec.config.head_dim)
+    k, v = ([torch.zeros(1, dtype=spec.dtype).expand(shape) for _ in range(spec.config.num_hidden_layers)]
+            for _ in range(2))
     return ids, positions, k, v
 
 
@@ -91,6 +96,8 @@ def trace(spec: TraceSpec) -> ExportedProgram:
         torch.set_default_dtype(previous)
     program = torch.export.export(model, _example_inputs(spec), dynamic_shapes=_dynamic_shapes(spec))
     _placeholders(program)
+    # Not kept: torch.export.save would write them out dense, and every load would read them back.
+    program.example_inputs = None
     return program
 
 
