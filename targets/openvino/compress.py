@@ -139,6 +139,7 @@ def compressed(tensor: torch.Tensor, config: Any, name: str, dtype: object) -> o
         node = opset.subtract(node, opset.convert(zero_point, ov.Type.f16), name=f"{name}/zero_point/subtract")
     scale = _join([b[1] for b in blocks], ov.Type.f16, f"{name}/scale")
     del blocks
+    release()  # the compiled lowering functions hold block-sized buffers; shapes differ per weight anyway
     node = opset.multiply(node, scale, name=f"{name}/fq_weights")
     if config.group_size != -1:
         node = opset.reshape(node, output_shape=list(tensor.shape), special_zero=False)
