@@ -73,9 +73,20 @@ class WeightSource:
 
     def parameter(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
         """A canonical parameter by name; a tied lm_head resolves to the embedding."""
+        return self.tensor(self._stored_name(name), dtype)
+
+    def rows(self, name: str) -> Rows:
+        """A canonical parameter to read in blocks of rows, in its stored dtype."""
+        return Rows(self, self._stored_name(name))
+
+    def row_block(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of a stored tensor; sources that can read a slice alone override this."""
+        return self.tensor(name, None)[start:stop]
+
+    def _stored_name(self, name: str) -> str:
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
-            name = "model.embed_tokens.weight"
-        return self.tensor(name, dtype)
+            return "model.embed_tokens.weight"
+        return name
 
     def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.shapes():
@@ -87,6 +98,22 @@ class WeightSource:
     def fingerprint(self) -> str:
         """Content identity: hashes of the files, or the preset name and seed."""
         return hashlib.sha256(json.dumps([r.to_dict() for r in self.file_records()]).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A weight read block by block (``rows[a:b]``), so a converter never holds it whole."""
+
+    source: WeightSource
+    name: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shapes()[self.name]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.shape[0])
+        return self.source.row_block(self.name, start, stop)
 
 
 class PresetWeights(WeightSource):
@@ -181,6 +208,10 @@ class CheckpointFolder(WeightSource):
         with safe_open(self._where[name], framework="pt") as fh:
             stored = fh.get_tensor(name)
         return stored if dtype is None else stored.to(dtype)
+
+    def row_block(self, name: str, start: int, stop: int) -> torch.Tensor:
+        with safe_open(self._where[name], framework="pt") as fh:
+            return fh.get_slice(name)[start:stop]
 
     def file_records(self) -> list[FileRecord]:
         if self._records is None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.export import ExportedProgram
 
-from exporter.checkpoint import WeightSource
+from exporter.checkpoint import Rows, WeightSource
 from exporter.config import MistralConfig
 from exporter.contract import CacheContract, TensorSpec
 from exporter.errors import UserError
@@ -50,10 +50,10 @@ class LowerInput:
         """One weight by canonical parameter name, in the traced dtype (tied lm_head resolved)."""
         return self.weights.parameter(name, next(iter(self.traced.state_dict.values())).dtype)
 
-    def stored_weight(self, name: str) -> torch.Tensor:
-        """One weight in the checkpoint's own dtype, for targets that convert it block by block
-        (a whole-tensor conversion to fp32 would double a bf16 tensor's footprint)."""
-        return self.weights.parameter(name, None)
+    def weight_rows(self, name: str) -> Rows:
+        """One weight to read in blocks of rows, in the checkpoint's own dtype, for targets that
+        convert it block by block (whole, in fp32, it would be 4 bytes per parameter in flight)."""
+        return self.weights.rows(name)
 
 
 @dataclass

@@ -87,3 +87,18 @@ def test_preset_is_seeded_and_streams() -> None:
     assert open_source(None, None).name == "tiny"
     with pytest.raises(CheckpointError, match="not both"):
         open_source(Path("."), "tiny")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_rows_read_slices_in_the_stored_dtype(tmp_path, tied: bool) -> None:
+    """Block-by-block reads (targets that convert per block) equal slices of the whole tensor, keep
+    the stored dtype, and resolve a tied lm_head to the embedding."""
+    model = hf_model(tie_word_embeddings=tied).to(torch.bfloat16)
+    src = CheckpointFolder(save_checkpoint(model, tmp_path / "ckpt", shard_size="20KB"))
+    rows = src.rows("lm_head.weight")
+    whole = src.parameter("lm_head.weight", None)
+    assert rows.shape == tuple(whole.shape) and whole.dtype == torch.bfloat16
+    blocks = [rows[r:r + 100] for r in range(0, rows.shape[0], 100)]
+    assert all(b.dtype == torch.bfloat16 for b in blocks)
+    assert torch.equal(torch.cat(blocks), whole)
+    assert torch.equal(whole, model.state_dict()["model.embed_tokens.weight" if tied else "lm_head.weight"])

@@ -194,7 +194,7 @@ def test_streamed_compression_equals_nncf_whole_model(precision: str, options: d
     opts = OpenVinoOptions(**options)
     streamed = convert.convert(inp.program(), "concat").model
     weights.bind(streamed, inp.weight, inp.progress, compress.tensor_configs(inp.config, precision, opts),
-                 inp.stored_weight)
+                 inp.weight_rows)
     whole = convert.convert(inp.program(), "concat").model
     weights.bind(whole, inp.weight, inp.progress)
     assert any(op.get_output_element_type(0).is_real() for op in whole.get_ops() if op.get_type_name() == "Constant")

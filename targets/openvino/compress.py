@@ -15,12 +15,14 @@ them by sensitivity at once, so it binds the full float model first (about 4 byt
 from __future__ import annotations
 
 from collections.abc import Callable
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from exporter.checkpoint import Rows
 from exporter.config import MistralConfig
 from targets.openvino.options import OpenVinoOptions, compression_mode, group_size
 
@@ -88,7 +90,7 @@ class _Block:
         return _Block(np.array(t.data), list(t.shape), None)
 
 
-def _quantize(tensor: torch.Tensor, config: Any) -> list[tuple[_Block, _Block, _Block | None]]:
+def _quantize(tensor: torch.Tensor | Rows, config: Any) -> list[tuple[_Block, _Block, _Block | None]]:
     """NNCF's per-tensor lowering over blocks of rows: rows are quantized independently, and a block
     bounds the lowering's float temporaries (measured: about 3x the fp32 input) to a few hundred MB.
     Returns (data, scale, zero point) per block."""
@@ -98,7 +100,7 @@ def _quantize(tensor: torch.Tensor, config: Any) -> list[tuple[_Block, _Block, _
     from targets.openvino.weights import to_ov_tensor
 
     rows = tensor.shape[0]
-    blocks = -(-tensor.numel() // BLOCK_ELEMENTS)
+    blocks = -(-math.prod(tensor.shape) // BLOCK_ELEMENTS)
     # Even row counts keep every block's packed 4-bit data byte-aligned; equal blocks stay large enough
     # for NNCF's optimized (OpenVINO-compiled) lowering, the path it takes for the whole tensor.
     step = -(-rows // blocks)
@@ -124,9 +126,9 @@ def _join(blocks: list[_Block], dtype: object, name: str) -> object:
     return opset.constant(np.concatenate([b.raw for b in blocks]), dtype=dtype, name=name)
 
 
-def compressed(tensor: torch.Tensor, config: Any, name: str, dtype: object) -> object:
-    """The decompression subgraph of one [out, in] weight, quantized along `in`, ending in the graph's
-    dtype; returns its output."""
+def compressed(tensor: torch.Tensor | Rows, config: Any, name: str, dtype: object) -> object:
+    """The decompression subgraph of one [out, in] weight (a tensor, or rows read block by block),
+    quantized along `in`, ending in the graph's dtype; returns its output."""
     import openvino as ov
     from nncf.tensor.functions.openvino_numeric import DTYPE_MAP
     from openvino import opset13 as opset

@@ -66,7 +66,7 @@ class OpenVinoTarget:
             stateful.add_beam_idx(model, cfg)
             stateful.make_stateful(model, cfg)
         configs = compress.tensor_configs(cfg, inp.precision, options)
-        weights.bind(model, inp.weight, inp.progress, configs, inp.stored_weight)
+        weights.bind(model, inp.weight, inp.progress, configs, inp.weight_rows)
         if configs:
             compress.release()
         compression = compress.record(cfg, inp.precision, options)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from exporter.checkpoint import Rows
 from targets.openvino.compress import TensorConfig, compressed
 from targets.openvino.convert import WEIGHT_PREFIX
 
@@ -47,27 +48,24 @@ def weight_parameters(model: object) -> dict[str, object]:
 
 
 def bind(model: object, lookup: Callable[[str], torch.Tensor], progress: Progress,
-         configs: TensorConfig | None = None, stored: Callable[[str], torch.Tensor] | None = None) -> int:
+         configs: TensorConfig | None = None, rows: Callable[[str], Rows] | None = None) -> None:
     """Replace each weight Parameter with a Constant of lookup(name), or, where configs(name) gives an
-    NNCF config, with the compressed form of stored(name) (the weight in any float dtype: compression
-    converts it block by block); returns the bytes read."""
+    NNCF config, with the compressed form of rows(name) (read and compressed block by block; a
+    tensor, lookup(name), serves too)."""
     params = weight_parameters(model)
-    total = 0
     for i, (name, param) in enumerate(params.items()):
         config = configs(name) if configs else None
-        tensor = (stored or lookup)(name) if config is not None else lookup(name)
-        total += tensor.numel() * tensor.element_size()
         if config is None:
+            tensor = lookup(name)
             out = to_constant(tensor).output(0)
+            del tensor
         else:
-            out = compressed(tensor, config, name, param.get_output_element_type(0))
-        del tensor
+            out = compressed((rows or lookup)(name), config, name, param.get_output_element_type(0))
         out.get_tensor().set_names({name})
         param.output(0).replace(out)
         model.remove_parameter(param)
         progress(f"weights {name}", (i + 1) / len(params))
     model.validate_nodes_and_infer_types()
-    return total
 
 
 def weight_bytes(model: object) -> int:
