@@ -50,6 +50,8 @@ def ours(checkpoint: Path, target: str, precision: str, workdir: Path) -> dict[s
     out = workdir / f"ours-{target}-{precision}"
     cmd = [sys.executable, "-m", "mistral_export.cli", "build", "--target", target, "--precision", precision,
            "--checkpoint", str(checkpoint), "--out", str(out), "--force", "--no-validate"]
+    if target == "tensorrt":  # the engine needs a GPU; the export is the engine-ready ONNX
+        cmd.append("--onnx-only")
     return measure(cmd, out)
 
 

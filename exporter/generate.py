@@ -14,6 +14,10 @@ from exporter.errors import UserError
 from targets.base import Runner, chunks
 
 PAD_ID = 0
+# Prefill steps of at most this many tokens when only the last logits are needed (generation, parity):
+# a step's activations grow with its length (attention scores are B x heads x T x (C + T) floats:
+# 8.6 GB in fp32 for Mistral 7B, batch 2, at T = C = 4096), its logits too (B x T x vocab).
+PREFILL_STEP = 512
 
 
 def pad_batch(rows: Sequence[Sequence[int]], starts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -40,6 +44,27 @@ def prefill(runner: Runner, prompts: Sequence[Sequence[int]]) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
+def prefill_last(runner: Runner, prompts: Sequence[Sequence[int]], step: int = PREFILL_STEP) -> np.ndarray:
+    """Reset the runner, feed the prompts in steps of at most `step` tokens (and its capacity) and
+    return each row's logits at its last token, [B, V], without keeping the others."""
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token")
+    check_context(runner, max(len(p) for p in prompts))
+    runner.reset(len(prompts))
+    ids, pos = pad_batch(prompts, [0] * len(prompts))
+    lengths = [len(p) for p in prompts]
+    last: np.ndarray | None = None
+    for a, b in chunks(ids.shape[1], min(step, runner.capacity)):
+        logits = runner.step(ids[:, a:b], pos[:, a:b])
+        if last is None:
+            last = np.zeros((len(prompts), logits.shape[-1]), dtype=logits.dtype)
+        for row, n in enumerate(lengths):
+            if a < n <= b:
+                last[row] = logits[row, n - 1 - a]
+    assert last is not None
+    return last
+
+
 def check_context(runner: Runner, total: int) -> None:
     """Without a window the cache holds at most `capacity` tokens; more would silently slide."""
     if runner.window is None and total > runner.capacity:
@@ -47,17 +72,12 @@ def check_context(runner: Runner, total: int) -> None:
                         "rebuild with a larger --max-context")
 
 
-def last_logits(logits: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
-    """Each row's logits at its last real token: [B, V]."""
-    return np.stack([logits[b, n - 1] for b, n in enumerate(lengths)])
-
-
 def greedy_generate(runner: Runner, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     eos_token_id: int | None = None) -> list[list[int]]:
     """Greedy decoding; returns only the new tokens of each row (stopping a row at EOS)."""
     lengths = [len(p) for p in prompts]
     check_context(runner, max(lengths) + max_new_tokens - 1)
-    nxt = last_logits(prefill(runner, prompts), lengths).argmax(-1)
+    nxt = prefill_last(runner, prompts).argmax(-1)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for i in range(max_new_tokens):

@@ -84,3 +84,18 @@ def test_prefill_chunk_at_full_capacity() -> None:
     runner = canonical_runner(model)
     prompt = _ids(24, 96, 7)
     _check(model, runner, [prompt], [16], "chunks of C=8")
+
+
+def test_prefill_last_in_short_steps_equals_transformers() -> None:
+    """Generation and parity prefill in steps shorter than the capacity and keep only each row's last
+    logits: those equal transformers' at each row's last token, past the window, batch 2 ragged."""
+    from exporter.generate import prefill_last
+
+    model = hf_model()
+    runner = canonical_runner(model)
+    vocab = model.config.vocab_size
+    prompts = [_ids(2 * runner.capacity + 3, vocab, 1), _ids(runner.capacity + 1, vocab, 2)]
+    last = prefill_last(runner, prompts, step=5)
+    for b, p in enumerate(prompts):
+        expected = hf_logits(model, p)[-1].numpy()
+        assert np.abs(last[b] - expected).max() <= TOL
