@@ -140,16 +140,11 @@ def time_prefill(runner: Any, ids: np.ndarray, repeats: int) -> float:
 
 
 def time_decode(runner: Any, ids: np.ndarray, steps: int, warmup: int = 2) -> list[float]:
+    from validation.latency import decode_seconds
+
     runner.reset(1)
     runner.step(ids, np.arange(PROMPT, dtype=np.int64)[None])
-    samples = []
-    token = np.array([[1]], dtype=np.int64)
-    for s in range(warmup + steps):
-        start = time.perf_counter()
-        runner.step(token, np.array([[PROMPT + s]], dtype=np.int64))
-        if s >= warmup:
-            samples.append((time.perf_counter() - start) * 1e3)
-    return samples
+    return [s * 1e3 for s in decode_seconds(runner, PROMPT, steps, warmup)]
 
 
 def open_ours(artifact: Path, threads: int) -> tuple[Any, dict[str, str]]:

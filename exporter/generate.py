@@ -6,7 +6,7 @@ and each row decodes at its own position.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -35,27 +35,15 @@ def prefill(runner: Runner, prompts: Sequence[Sequence[int]]) -> np.ndarray:
     """Reset the runner and feed the prompts in chunks of at most its capacity.
 
     Returns the logits of every prompt position, [B, Tmax, V] (padding rows hold garbage)."""
-    if any(len(p) == 0 for p in prompts):
-        raise UserError("every prompt needs at least one token")
-    check_context(runner, max(len(p) for p in prompts))
-    runner.reset(len(prompts))
-    ids, pos = pad_batch(prompts, [0] * len(prompts))
-    parts = [runner.step(ids[:, a:b], pos[:, a:b]) for a, b in chunks(ids.shape[1], runner.capacity)]
-    return np.concatenate(parts, axis=1)
+    return np.concatenate([logits for _, _, logits in _prefill_steps(runner, prompts, runner.capacity)], axis=1)
 
 
 def prefill_last(runner: Runner, prompts: Sequence[Sequence[int]], step: int = PREFILL_STEP) -> np.ndarray:
     """Reset the runner, feed the prompts in steps of at most `step` tokens (and its capacity) and
     return each row's logits at its last token, [B, V], without keeping the others."""
-    if any(len(p) == 0 for p in prompts):
-        raise UserError("every prompt needs at least one token")
-    check_context(runner, max(len(p) for p in prompts))
-    runner.reset(len(prompts))
-    ids, pos = pad_batch(prompts, [0] * len(prompts))
     lengths = [len(p) for p in prompts]
     last: np.ndarray | None = None
-    for a, b in chunks(ids.shape[1], min(step, runner.capacity)):
-        logits = runner.step(ids[:, a:b], pos[:, a:b])
+    for a, b, logits in _prefill_steps(runner, prompts, min(step, runner.capacity)):
         if last is None:
             last = np.zeros((len(prompts), logits.shape[-1]), dtype=logits.dtype)
         for row, n in enumerate(lengths):
@@ -63,6 +51,18 @@ def prefill_last(runner: Runner, prompts: Sequence[Sequence[int]], step: int = P
                 last[row] = logits[row, n - 1 - a]
     assert last is not None
     return last
+
+
+def _prefill_steps(runner: Runner, prompts: Sequence[Sequence[int]],
+                   step: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Reset the runner and feed the right-padded prompts in spans of `step`: (start, end, logits)."""
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token")
+    check_context(runner, max(len(p) for p in prompts))
+    runner.reset(len(prompts))
+    ids, pos = pad_batch(prompts, [0] * len(prompts))
+    for a, b in chunks(ids.shape[1], step):
+        yield a, b, runner.step(ids[:, a:b], pos[:, a:b])
 
 
 def check_context(runner: Runner, total: int) -> None:

@@ -72,3 +72,14 @@ def save_tokenizer(folder: Path, vocab_size: int) -> None:
     from benchmarks.make_checkpoint import write_tokenizer
 
     write_tokenizer(folder, vocab_size)
+
+
+def cli_build(target: str, out: Path, *args: str) -> Any:
+    """`mistral-export build --target target --out out ...` through the CLI, its output printed for the log."""
+    from typer.testing import CliRunner
+
+    from mistral_export.cli import app
+
+    result = CliRunner().invoke(app, ["build", "--target", target, "--out", str(out), *args])
+    print(result.output)
+    return result

@@ -12,20 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from mistral_export.cli import app
 from targets import registry
+from tests.conftest import cli_build
 
 pytestmark = pytest.mark.skipif(registry.get("coreml").check_available() is not None,
                                 reason=f"coreml: {registry.get('coreml').check_available()}")
-cli = CliRunner()
 
 
 def _build(out: Path, precision: str, *extra: str) -> object:
-    result = cli.invoke(app, ["build", "--target", "coreml", "--precision", precision, "--out", str(out), *extra])
-    print(result.output)
-    return result
+    return cli_build("coreml", out, "--precision", precision, *extra)
 
 
 @pytest.fixture(scope="module")

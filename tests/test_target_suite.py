@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mistral_export.cli import app
+from tests.conftest import cli_build
 from targets import registry
 
 cli = CliRunner()
@@ -49,8 +50,7 @@ def test_target_passes_parity_gates(target: str, precision: str, extra: list[str
     if reason:
         pytest.skip(f"{target}: {reason}")
     out = tmp_path / "artifact"
-    result = cli.invoke(app, ["build", "--target", target, "--precision", precision, "--out", str(out), *extra])
-    print(result.output)
+    result = cli_build(target, out, "--precision", precision, *extra)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     parity = report["parity"]

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mistral_export.cli import app
+from tests.conftest import cli_build
 from targets import registry
 from targets.tensorrt.plan import profiles, trtexec_command
 
@@ -19,9 +20,7 @@ TRT_REASON = registry.get("tensorrt").check_available()
 
 
 def _build(out: Path, *args: str) -> object:
-    result = cli.invoke(app, ["build", "--target", "tensorrt", "--out", str(out), *args])
-    print(result.output)
-    return result
+    return cli_build("tensorrt", out, *args)
 
 
 @pytest.fixture(scope="module")

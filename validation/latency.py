@@ -56,6 +56,19 @@ def default_points(capacity: int, window: int | None, steps: int) -> tuple[list[
     return lengths, fills
 
 
+def decode_seconds(runner: Runner, fill: int, steps: int, warmup: int) -> list[float]:
+    """Seconds per one-token decode step of a batch-1 runner whose cache holds `fill` tokens,
+    after `warmup` untimed steps."""
+    samples = []
+    token = np.array([[1]], dtype=np.int64)
+    for s in range(warmup + steps):
+        start = time.perf_counter()
+        runner.step(token, np.array([[fill + s]], dtype=np.int64))
+        if s >= warmup:
+            samples.append(time.perf_counter() - start)
+    return samples
+
+
 def measure(runner: Runner, vocab: int, repeats: int = 5, warmup: int = 2, decode_steps: int = 8,
             progress: Callable[[str, float], None] = lambda m, f: None) -> dict[str, Any]:
     """Medians and p90 over repeated runs after warm-up; batch 1."""
@@ -77,14 +90,7 @@ def measure(runner: Runner, vocab: int, repeats: int = 5, warmup: int = 2, decod
         progress(f"latency prefill T={t}", (i + 1) / total)
     for i, fill in enumerate(fills):
         prefill(runner, [rng.integers(0, vocab, fill).tolist()])
-        samples = []
-        token = np.array([[1]], dtype=np.int64)
-        for s in range(warmup + decode_steps):
-            start = time.perf_counter()
-            runner.step(token, np.array([[fill + s]], dtype=np.int64))
-            if s >= warmup:
-                samples.append(time.perf_counter() - start)
-        stats = _stats(samples)
+        stats = _stats(decode_seconds(runner, fill, decode_steps, warmup))
         result["decode"].append({"fill": fill, **stats, "tokens_per_s": 1000.0 / stats["median_ms"]})
         progress(f"latency decode fill={fill}", (len(lengths) + i + 1) / total)
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)

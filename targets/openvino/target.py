@@ -67,8 +67,6 @@ class OpenVinoTarget:
             stateful.make_stateful(model, cfg)
         configs = compress.tensor_configs(cfg, inp.precision, options)
         weights.bind(model, inp.weight, inp.progress, configs, inp.weight_rows)
-        if configs:
-            compress.release()
         compression = compress.record(cfg, inp.precision, options)
         if compression and not compression["streamed"]:
             inp.progress("compressing the whole model (int4 ratio < 1)", 0.0)

@@ -46,6 +46,6 @@ def export_onnx(inp: LowerInput, out_dir: Path) -> Path:
         canonical_io(model, cfg.num_hidden_layers)
         drop_reshape_roundtrips(model)
         _name_dims(model)
-        bind_weights(model, inp.weight, None, lambda names: True)
+        bind_weights(model, inp.weight)
         save(model, path, DATA_FILE, inp.progress, "tensorrt")
     return path
