@@ -99,3 +99,14 @@ def test_prefill_last_in_short_steps_equals_transformers() -> None:
     for b, p in enumerate(prompts):
         expected = hf_logits(model, p)[-1].numpy()
         assert np.abs(last[b] - expected).max() <= TOL
+
+
+def test_empty_prompt_is_refused() -> None:
+    from exporter.errors import UserError
+    from exporter.generate import greedy_generate, prefill_last
+
+    runner = canonical_runner(hf_model())
+    for call in (lambda: prefill(runner, [[1, 2], []]), lambda: prefill_last(runner, [[]]),
+                 lambda: greedy_generate(runner, [[3], []], 2)):
+        with pytest.raises(UserError, match="at least one token"):
+            call()
