@@ -21,7 +21,7 @@ from pathlib import Path
 def export(out: Path, precision: str, layers: int, hidden: int) -> dict[str, float]:
     import torch
 
-    from exporter.build import BuildRequest, build
+    from pipeline.build import BuildRequest, build
     from exporter.checkpoint import DTYPES, PresetWeights
     from exporter.config import MistralConfig
     from exporter.trace import TraceSpec, traced

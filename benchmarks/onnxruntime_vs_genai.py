@@ -57,7 +57,7 @@ def make_checkpoint(folder: Path, window: int, seed: int) -> None:
 
 
 def build_ours(checkpoint: Path, out: Path, precision: str, block_size: int | None) -> None:
-    from exporter.build import BuildRequest, build
+    from pipeline.build import BuildRequest, build
 
     options = {} if block_size is None else {"block_size": str(block_size)}
     build(BuildRequest(target="onnxruntime", checkpoint=checkpoint, precision=precision, out=out, options=options))

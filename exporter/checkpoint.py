@@ -6,15 +6,19 @@ ever holding the whole model twice. Nothing is fetched from a hub.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from exporter.config import MistralConfig, load_config, preset
 from exporter.errors import CheckpointError
@@ -25,6 +29,29 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "generation_config.json", "added_tokens.json", "chat_template.jinja")
 # Old checkpoints carry RoPE's inverse frequencies as a buffer; we recompute them.
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+INDEX = "model.safetensors.index.json"
+log = logging.getLogger("mistral_export")
+
+
+@contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """safe_open, with a broken file (truncated, oversized header, data past the end) reported as a
+    CheckpointError that names it."""
+    try:
+        with safe_open(path, framework="pt") as fh:
+            yield fh
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); re-download or "
+                              "re-convert this shard") from None
+
+
+def finite(name: str, tensor: torch.Tensor, where: Path | str) -> torch.Tensor:
+    """The tensor, unless it holds NaN or Inf: such a checkpoint would export silently and run as zeros."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"tensor {name} in {where} holds {bad} NaN/Inf value(s); the checkpoint is "
+                              "corrupt or was saved after a diverged step: use a finite checkpoint")
+    return tensor
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -159,33 +186,68 @@ class CheckpointFolder(WeightSource):
 
     def _index(self) -> dict[str, Path]:
         """Tensor name -> shard file, from the sharded index or the single file."""
-        index = self.folder / "model.safetensors.index.json"
+        index = self.folder / INDEX
         single = self.folder / "model.safetensors"
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            shards = {s: self.folder / s for s in set(weight_map.values())}
-            missing = sorted(s for s, p in shards.items() if not p.is_file())
-            if missing:
-                raise CheckpointError(f"{index.name} names shards that are missing from {self.folder}: "
-                                      f"{missing}. Copy the whole checkpoint folder.")
-            return {name: shards[shard] for name, shard in weight_map.items()}
+            return self._sharded(index)
         if single.is_file():
-            with safe_open(single, framework="pt") as fh:
+            with open_safetensors(single) as fh:
                 return {name: single for name in fh.keys()}
-        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {self.folder}; "
+        raise CheckpointError(f"no model.safetensors or {INDEX} in {self.folder}; "
                               "only safetensors checkpoints are read (convert .bin files with safetensors first)")
 
+    def _sharded(self, index: Path) -> dict[str, Path]:
+        """The index's weight_map, checked: string shard names that are plain files of this folder."""
+        try:
+            raw = json.loads(index.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{index} is not valid JSON ({exc}); re-download the checkpoint's index") from None
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no weight_map object; re-download the checkpoint's index")
+        bad = sorted(str(n) for n, s in weight_map.items() if not isinstance(s, str))
+        if bad:
+            raise CheckpointError(f"{index}: weight_map entries {bad[:3]} are not shard file names")
+        outside = sorted({s for s in weight_map.values() if Path(s).name != s or s in ("", ".", "..")})
+        if outside:
+            raise CheckpointError(f"{index} names shard {outside[0]!r}, which is not a file of {self.folder}; "
+                                  "refused (shards must sit beside the index)")
+        shards = {s: self.folder / s for s in set(weight_map.values())}
+        missing = sorted(s for s, p in shards.items() if not p.is_file())
+        if missing:
+            raise CheckpointError(f"{index.name} names shards that are missing from {self.folder}: "
+                                  f"{missing}. Copy the whole checkpoint folder.")
+        where = {name: shards[shard] for name, shard in weight_map.items()}
+        held: dict[Path, set[str]] = {}
+        for path in sorted(set(where.values())):
+            with open_safetensors(path) as fh:
+                held[path] = set(fh.keys())
+        wrong = sorted(n for n, p in where.items() if n not in held[p])
+        unmapped = sorted(set().union(*held.values()) - set(where))
+        if wrong:
+            raise CheckpointError(f"{index} puts {wrong[0]} in {where[wrong[0]].name}, which does not hold it "
+                                  f"({len(wrong)} such); the index does not belong to these shards")
+        if unmapped:
+            raise CheckpointError(f"{index} does not list {unmapped[0]} ({len(unmapped)} tensor(s) in the shards "
+                                  "but not in its weight_map); the index does not belong to these shards")
+        return where
+
     def _check_keys(self) -> None:
-        expected = self.shapes()
-        optional = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
         found: dict[str, tuple[int, ...]] = {}
         dtypes: dict[str, str] = {}
         for shard in sorted(set(self._where.values())):
-            with safe_open(shard, framework="pt") as fh:
+            with open_safetensors(shard) as fh:
                 for name in fh.keys():
                     part = fh.get_slice(name)
                     found[name] = tuple(part.get_shape())
                     dtypes[name] = part.get_dtype()
+        if self.config.tie_word_embeddings and "lm_head.weight" in found and not self._tie_holds():
+            # transformers does the same: a stored lm_head that differs from the embedding is kept.
+            log.warning("config.json ties lm_head to the embedding, but %s stores a different lm_head.weight: "
+                        "it is used (as transformers does)", self.folder)
+            self.config = dataclasses.replace(self.config, tie_word_embeddings=False)
+        expected = self.shapes()
+        optional = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
         problems = []
         missing = sorted(set(expected) - set(found))
         unexpected = sorted(n for n in set(found) - set(expected) - optional
@@ -197,27 +259,34 @@ class CheckpointFolder(WeightSource):
         for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
                              ("wrong-shape tensors", wrong), ("non-float tensors", not_float)):
             if items:
-                shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
-                problems.append(f"  {label} ({len(items)}):\n    {shown}")
+                shown = "; ".join(items[:5]) + (f"; and {len(items) - 5} more" if len(items) > 5 else "")
+                problems.append(f"{label} ({len(items)}): {shown}")
         if problems:
-            raise CheckpointError(f"checkpoint {self.folder} does not match its config.json:\n" + "\n".join(problems)
-                                  + "\nCheck that config.json belongs to these weights and that no shard is stale.")
+            raise CheckpointError(f"checkpoint {self.folder} does not match its config.json: " + "; ".join(problems)
+                                  + ". Check that config.json belongs to these weights and that no shard is stale.")
         self._has = found
 
+    def _tie_holds(self) -> bool:
+        """Whether a stored lm_head equals the embedding (then tying changes nothing)."""
+        try:
+            return torch.equal(self.tensor("lm_head.weight", None), self.tensor("model.embed_tokens.weight", None))
+        except (KeyError, RuntimeError):
+            return False
+
     def tensor(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
-        with safe_open(self._where[name], framework="pt") as fh:
-            stored = fh.get_tensor(name)
+        with open_safetensors(self._where[name]) as fh:
+            stored = finite(name, fh.get_tensor(name), self._where[name])
         return stored if dtype is None else stored.to(dtype)
 
     def row_block(self, name: str, start: int, stop: int) -> torch.Tensor:
-        with safe_open(self._where[name], framework="pt") as fh:
-            return fh.get_slice(name)[start:stop]
+        with open_safetensors(self._where[name]) as fh:
+            return finite(name, fh.get_slice(name)[start:stop], self._where[name])
 
     def file_records(self) -> list[FileRecord]:
         if self._records is None:
             files = sorted({p for p in self._where.values()}
                            | {p for p in self.folder.iterdir() if p.name == "config.json"
-                              or p.name == "model.safetensors.index.json" or p.name in TOKENIZER_FILES})
+                              or p.name == INDEX or p.name in TOKENIZER_FILES})
             self._records = [FileRecord(p.name, p.stat().st_size, sha256_file(p)) for p in files]
         return self._records
 

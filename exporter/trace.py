@@ -9,29 +9,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim, ExportedProgram
 
 from exporter import __version__
-from exporter.config import MistralConfig
 from exporter import attention as attention_module
 from exporter import model as model_module
+from exporter import program_file
+from exporter.checkpoint import DTYPES
+from exporter.config import MistralConfig
 from exporter.model import MistralModel
+from exporter.trace_cache import ProgramCache
 
 MAX_BATCH = 256
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MISTRAL_EXPORT_CACHE", Path.home() / ".cache" / "mistral-export"))
 
 
 def _graph_source_hash() -> str:
@@ -51,11 +48,13 @@ class TraceSpec:
     capacity: int
     dtype: torch.dtype
 
+    def describe(self) -> dict[str, Any]:
+        """The spec as JSON data; its hash is the cache key, and the cache sidecar records it."""
+        return {"config": self.config.to_dict(), "capacity": self.capacity, "dtype": str(self.dtype),
+                "tool": __version__, "torch": torch.__version__, "graph": _graph_source_hash()}
+
     def key(self) -> str:
-        blob = json.dumps({"config": self.config.to_dict(), "capacity": self.capacity, "dtype": str(self.dtype),
-                           "tool": __version__, "torch": torch.__version__, "graph": _graph_source_hash()},
-                          sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+        return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()[:20]
 
 
 def _example_inputs(spec: TraceSpec) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
@@ -112,28 +111,28 @@ class TracedProgram:
 
 
 def traced(spec: TraceSpec, use_cache: bool = True) -> TracedProgram:
-    """The exported program for spec, from the content-addressed cache when present."""
-    path = cache_root() / "programs" / f"{spec.key()}.pt2"
+    """The exported program for spec: from the trace cache when a verified entry is there (see
+    exporter.trace_cache), else traced now and stored. use_cache=False neither reads nor writes it."""
     start = time.perf_counter()
-    if use_cache and path.is_file():
-        try:
-            return TracedProgram(torch.export.load(path), spec, True, time.perf_counter() - start)
-        except Exception:  # noqa: BLE001 - a stale or corrupt cache entry is rebuilt, never trusted
-            path.unlink(missing_ok=True)
+    cache = ProgramCache.open() if use_cache else None
+    if cache is not None:
+        program = cache.load(spec.key(), spec.describe(), spec.config, spec.capacity, spec.dtype)
+        if program is not None:
+            return TracedProgram(program, spec, True, time.perf_counter() - start)
     program = trace(spec)
     seconds = time.perf_counter() - start
-    if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial.pt2", delete=False) as tmp:
-            save_program(program, Path(tmp.name))
-        os.replace(tmp.name, path)
+    if cache is not None:
+        cache.store(spec.key(), spec.describe(), program)
     return TracedProgram(program, spec, False, seconds)
 
 
 def save_program(program: ExportedProgram, path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="No complete tensor found")  # our zero-stride stubs
-        torch.export.save(program, path)
+    program_file.write_archive(program, path)
+
+
+def trace_dtype(precision: str) -> str:
+    """Float precisions trace in their own dtype; quantized ones trace fp32 and quantize weights."""
+    return precision if precision in DTYPES else "fp32"
 
 
 def bind(program: ExportedProgram, lookup: Callable[[str], torch.Tensor]) -> ExportedProgram:

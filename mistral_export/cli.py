@@ -17,20 +17,26 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import logging
+
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from exporter.build import BuildRequest, build
-from exporter.multi import ALL_AVAILABLE, expand_targets
+from exporter import signals
 from exporter.errors import GateFailure, UserError
+from exporter.manifest import listed_dir, read_manifest
+from pipeline.build import BuildRequest, build
+from pipeline.multi import ALL_AVAILABLE, expand_targets
 from targets import registry
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Export a Mistral-architecture checkpoint to validated artifacts for each runtime.")
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# Plain text: messages carry user paths and names, which rich markup would reinterpret ("[/]").
+out = Console(soft_wrap=True, markup=False, highlight=False)
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -46,16 +52,17 @@ def guarded(fn: F) -> F:
         except (UserError, GateFailure) as exc:
             if os.environ.get("MISTRAL_EXPORT_DEBUG"):
                 raise
-            err.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+            typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("interrupted; nothing was left half-written")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            signals.ignore_further()  # a second Ctrl-C must not turn the exit into a traceback
+            typer.echo(f"interrupted ({signals.signal_name(exc)}); nothing was left half-written", err=True)
+            raise typer.Exit(signals.exit_code(exc)) from None
         except Exception as exc:  # noqa: BLE001 - the boundary: anything else is our bug
             if os.environ.get("MISTRAL_EXPORT_DEBUG"):
                 raise
-            err.print(f"internal error: {type(exc).__name__}: {exc}\n"
-                      "Set MISTRAL_EXPORT_DEBUG=1 for the full traceback and report it.", highlight=False)
+            typer.echo(f"internal error: {type(exc).__name__}: {exc}\n"
+                       "Set MISTRAL_EXPORT_DEBUG=1 for the full traceback and report it.", err=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -68,7 +75,7 @@ def progress_bar(enabled: bool) -> Iterator[Callable[[str, float], None]]:
         yield lambda message, fraction: None
         return
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                   TimeElapsedColumn(), console=err, transient=True)
+                   TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
     with bar:
         task = bar.add_task("starting", total=1.0)
         yield lambda message, fraction: bar.update(task, description=message[:60], completed=fraction)
@@ -132,7 +139,7 @@ def build_cmd(
 
 def _build_many(req: BuildRequest, names: list[str], validator: Any, json_out: bool) -> None:
     """One trace, one artifact per target under --out (default artifacts/), build-summary.json beside them."""
-    from exporter.multi import build_many, exit_code
+    from pipeline.multi import build_many, exit_code
 
     if req.device and len(names) > 1:
         raise UserError("--device applies to a single target; multi-target builds use each target's default")
@@ -146,7 +153,7 @@ def _build_many(req: BuildRequest, names: list[str], validator: Any, json_out: b
         return lambda message, fraction: bar.update(task, description=f"{name}: {message[:50]}", completed=fraction)
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                   TimeElapsedColumn(), console=err)
+                   TimeElapsedColumn(), console=err, disable=not err.is_terminal)
     bars.append(bar)
     with bar if not json_out else contextlib.nullcontext():
         summary = build_many(req, names, progress_for, validator)
@@ -181,7 +188,8 @@ def targets_cmd(json_out: Annotated[bool, typer.Option("--json", help="Print JSO
         return
     table = Table("target", "status", "devices", "precisions")
     for row in rows:
-        status = "[green]available[/]" if row["available"] else f"[yellow]unavailable[/]: {row['reason']}"
+        status = Text("available", style="green") if row["available"] else \
+            Text.assemble(("unavailable", "yellow"), f": {row['reason']}")
         table.add_row(row["name"], status, ", ".join(row["devices"]), ", ".join(row["precisions"]))
     out.print(table)
     for row in rows:
@@ -196,14 +204,12 @@ def inspect_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print the raw manifest.")] = False,
 ) -> None:
     """Print an artifact's manifest (files are checked against their sha256)."""
-    from exporter.manifest import read_manifest
-
     manifest = read_manifest(artifact)
     if json_out:
         print(json.dumps(manifest, indent=2))
         return
     t, c, m = manifest["target"], manifest["cache"], manifest["model"]
-    out.print(f"[bold]{artifact}[/]  schema v{manifest['schema_version']}")
+    out.print(Text.assemble((str(artifact), "bold"), f"  schema v{manifest['schema_version']}"))
     out.print(f"model    {m['name']} ({m['source']}): {m['config']['num_hidden_layers']} layers, "
               f"hidden {m['config']['hidden_size']}, window {m['config']['sliding_window']}", highlight=False)
     out.print(f"target   {t['name']} on {t['device']}, precision {t['precision']}, options {t['options']}",
@@ -234,7 +240,7 @@ def prompt_tokens(artifact: Path, manifest: dict[str, Any], prompt_ids: str | No
     if not manifest["model"].get("tokenizer"):
         raise UserError(f"artifact {artifact} has no tokenizer; use --prompt-ids")
     from validation.text import load_tokenizer
-    return load_tokenizer(artifact / manifest["model"]["tokenizer"]).encode(prompt)
+    return load_tokenizer(listed_dir(artifact, manifest, manifest["model"]["tokenizer"])).encode(prompt)
 
 
 @app.command("generate")
@@ -248,8 +254,13 @@ def generate_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print {\"token_ids\": [...]} only.")] = False,
 ) -> None:
     """Greedy decoding through the artifact's own runner."""
-    from exporter.generate import greedy_generate
+    from targets.generate import greedy_generate
 
+    from exporter.config import MistralConfig
+    from exporter.limits import check_caches_fit
+
+    manifest = read_manifest(artifact)
+    check_caches_fit(MistralConfig(**manifest["model"]["config"]), manifest["cache"]["capacity"], 1, 1, "generate")
     manifest, runner = registry.load_runner(artifact, device)
     ids = prompt_tokens(artifact, manifest, prompt_ids, prompt)
     new = greedy_generate(runner, [ids], max_new_tokens, manifest["model"]["config"].get("eos_token_id"))[0]
@@ -259,7 +270,7 @@ def generate_cmd(
     out.print(f"prompt {len(ids)} tokens -> {len(new)} new: {new}", highlight=False)
     if manifest["model"].get("tokenizer"):
         from validation.text import load_tokenizer
-        out.print(load_tokenizer(artifact / manifest["model"]["tokenizer"]).decode(new), highlight=False)
+        out.print(load_tokenizer(listed_dir(artifact, manifest, manifest["model"]["tokenizer"])).decode(new), highlight=False)
 
 
 def _print_report(rep: dict[str, Any]) -> None:
@@ -302,8 +313,8 @@ def validate_cmd(
     with progress_bar(not json_out) as bar:
         rep = validate_artifact(artifact, req, bar)
     if json_out:
-        from validation.report import _json_safe
-        print(json.dumps(_json_safe(rep), indent=2))
+        from exporter.manifest import dumps
+        print(dumps(rep), end="")
     else:
         _print_report(rep)
         out.print(f"wrote {artifact}/report.json, report.md, latency.png", highlight=False)
@@ -326,20 +337,58 @@ def bench_cmd(
     with progress_bar(not json_out) as bar:
         rep = validate_artifact(artifact, ValidateRequest(device=device, parity=False), bar)
     if json_out:
-        print(json.dumps(rep, indent=2))
+        from exporter.manifest import dumps
+        print(dumps(rep), end="")
     else:
         _print_report(rep)
 
 
-def main() -> None:
+class _StderrWarnings(logging.Handler):
+    """Our warnings (a rebuilt cache entry, a disabled cache) as one plain line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(f"warning: {record.getMessage()}\n")
+
+
+def configure_logging() -> None:
+    logger = logging.getLogger("mistral_export")
+    if not any(isinstance(h, _StderrWarnings) for h in logger.handlers):
+        logger.addHandler(_StderrWarnings(logging.WARNING))
+        logger.propagate = False
+
+
+def run() -> int:
+    """The CLI (entry.main installs signal handlers and switches telemetry off first)."""
+    configure_logging()
     if not os.environ.get("MISTRAL_EXPORT_DEBUG"):
         # Library deprecation chatter (torch internals) is not the user's concern; debug mode shows it.
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         # Converters draw their own tqdm bars per pass; ours (rich) already report progress.
         os.environ.setdefault("TQDM_DISABLE", "1")
-    app()
+    try:
+        app(standalone_mode=True)
+    except KeyboardInterrupt as exc:  # while typer builds the command, before any work
+        typer.echo(f"interrupted ({signals.signal_name(exc)}); nothing was written", err=True)
+        return signals.exit_code(exc)
+    except SystemExit as exc:
+        interrupt = _interrupt_typer_swallowed(exc)
+        if interrupt is not None:
+            typer.echo(f"interrupted ({signals.signal_name(interrupt)}); nothing was left half-written", err=True)
+            return signals.exit_code(interrupt)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _interrupt_typer_swallowed(exc: SystemExit) -> KeyboardInterrupt | None:
+    """A signal that arrived inside typer but outside a command (while it parsed or set up the call):
+    typer turns it into a silent exit 130; it is reported like any other interrupt."""
+    context = exc.__context__
+    cause = getattr(context, "__cause__", None)
+    return cause if isinstance(context, typer.Exit) and isinstance(cause, KeyboardInterrupt) else None
+
+
+def main() -> int:
+    from mistral_export.entry import main as entry_main
+
+    return entry_main()

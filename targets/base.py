@@ -108,11 +108,19 @@ def parse_options(options_type: type, raw: dict[str, str]) -> Any:
     values: dict[str, Any] = {}
     for key, text in raw.items():
         kind = type(fields[key].default)
+        if kind is bool:
+            if text.lower() not in _BOOLS:
+                raise UserError(f"option {key}={text!r} is not a boolean; use true or false")
+            values[key] = _BOOLS[text.lower()]
+            continue
         try:
-            values[key] = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
+            values[key] = kind(text)
         except ValueError:
             raise UserError(f"option {key}={text!r} is not a valid {kind.__name__}") from None
     return options_type(**values)
+
+
+_BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 
 
 def check_supported(target: Target, device: str, precision: str,

@@ -17,7 +17,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.export import ExportedProgram
 
+from exporter import program_file
+from exporter.checkpoint import DTYPES
+from exporter.config import MistralConfig
 from exporter.contract import cache_contract, canonical_io
+from exporter.errors import ArtifactError
 from exporter.trace import bind, save_program
 from targets.base import LowerInput, Lowered, check_supported
 
@@ -103,12 +107,19 @@ class ReferenceTarget:
         device = device or manifest["target"]["device"]
         check_supported(self, device, manifest["target"]["precision"])
         cache = manifest["cache"]
-        return ProgramRunner(load_program(artifact), cache["capacity"], cache["window"], device)
+        return ProgramRunner(load_program(artifact, manifest), cache["capacity"], cache["window"], device)
 
 
-def load_program(artifact: Path) -> ExportedProgram:
-    """The artifact's exported program with its weights bound."""
-    program = torch.export.load(artifact / PROGRAM_FILE)
+def load_program(artifact: Path, manifest: dict[str, Any]) -> ExportedProgram:
+    """The artifact's exported program, read without unpickling anything and checked against the
+    manifest's config, capacity and dtype, with its weights bound from the safetensors file."""
+    cfg = MistralConfig(**manifest["model"]["config"])
+    dtype = DTYPES[manifest["target"]["precision"]]
+    try:
+        program = program_file.read_archive(artifact / PROGRAM_FILE, cfg, manifest["cache"]["capacity"], dtype)
+    except program_file.ProgramError as exc:
+        raise ArtifactError(f"{artifact / PROGRAM_FILE} is not the program its manifest describes: {exc}; "
+                            "rebuild the artifact") from None
     with safe_open(artifact / WEIGHTS_FILE, framework="pt") as fh:
         return bind(program, fh.get_tensor)
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from exporter.config import config_from_dict
-from exporter.generate import pad_batch
+from targets.generate import pad_batch
 from exporter.model import MistralModel, empty_caches
 from exporter.trace import TraceSpec, traced
 from tests.conftest import canonical_runner, hf_model

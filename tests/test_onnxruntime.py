@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from exporter.build import BuildRequest, build
+from pipeline.build import BuildRequest, build
 from exporter.errors import ArtifactError, UserError
 from targets import registry
 from validation.gates import gates_for

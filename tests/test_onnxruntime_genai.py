@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter.build import BuildRequest, build
-from exporter.generate import greedy_generate
+from pipeline.build import BuildRequest, build
+from targets.generate import greedy_generate
 from targets import registry
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None,

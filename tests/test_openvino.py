@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from exporter.build import BuildRequest, build
+from pipeline.build import BuildRequest, build
 from exporter.errors import ArtifactError, TargetUnavailable, UserError
-from exporter.generate import greedy_generate, pad_batch
+from targets.generate import greedy_generate, pad_batch
 from mistral_export.cli import app
 from targets import registry
 from validation.reference import reference_runner, source_from_manifest

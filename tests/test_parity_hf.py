@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.generate import pad_batch, prefill
+from targets.generate import pad_batch, prefill
 from tests.conftest import canonical_runner, hf_logits, hf_model
 
 TOL = 1e-4
@@ -89,7 +89,7 @@ def test_prefill_chunk_at_full_capacity() -> None:
 def test_prefill_last_in_short_steps_equals_transformers() -> None:
     """Generation and parity prefill in steps shorter than the capacity and keep only each row's last
     logits: those equal transformers' at each row's last token, past the window, batch 2 ragged."""
-    from exporter.generate import prefill_last
+    from targets.generate import prefill_last
 
     model = hf_model()
     runner = canonical_runner(model)
@@ -103,7 +103,7 @@ def test_prefill_last_in_short_steps_equals_transformers() -> None:
 
 def test_empty_prompt_is_refused() -> None:
     from exporter.errors import UserError
-    from exporter.generate import greedy_generate, prefill_last
+    from targets.generate import greedy_generate, prefill_last
 
     runner = canonical_runner(hf_model())
     for call in (lambda: prefill(runner, [[1, 2], []]), lambda: prefill_last(runner, [[]]),

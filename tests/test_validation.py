@@ -121,7 +121,18 @@ def _plant_swapped_kv_heads(folder: Path) -> None:
     save_file(state, path)
 
 
-@pytest.mark.parametrize("plant", [_plant_perturbed_weight, _plant_window_off_by_one, _plant_swapped_kv_heads])
+def test_program_of_another_window_is_refused_at_load(artifact: Path, tmp_path: Path) -> None:
+    """program.pt2 is read without pickle and checked against the manifest: a program traced with
+    the window one short is refused before it can run (exit 2, naming the window)."""
+    folder = _copy(artifact, tmp_path / "planted")
+    _plant_window_off_by_one(folder)
+    _restamp(folder)
+    result = _validate(folder)
+    assert result.exit_code == 2 and "attention window [15], expected 16" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("plant", [_plant_perturbed_weight, _plant_swapped_kv_heads])
 def test_gates_catch_planted_defects(artifact: Path, tmp_path: Path, plant) -> None:
     folder = _copy(artifact, tmp_path / "planted")
     plant(folder)
@@ -142,7 +153,7 @@ def test_bf16_reference_is_recorded_and_gates_loosened(artifact: Path, tmp_path:
     rep = json.loads((folder / "report.json").read_text())
     parity = rep["parity"]
     print("fp32 artifact vs bf16 reference:", parity["worst"])
-    assert parity["reference"] == "canonical program, bfloat16"
+    assert parity["reference"].startswith("eager canonical model, bfloat16")
     assert parity["precision_gates"] == "fp32+bf16-reference" and parity["gates"]["max_abs"] == GATES["bf16"]["max_abs"]
     assert result.exit_code == 0 and parity["status"] == "passed"
     jsonschema.validate(json.loads((folder / "report.json").read_text()), REPORT_SCHEMA)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.generate import prefill
+from targets.generate import prefill
 from targets.base import Runner
 
 

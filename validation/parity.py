@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.generate import PREFILL_STEP, greedy_generate, pad_batch
+from targets.generate import PREFILL_STEP, greedy_generate, pad_batch
 from targets.base import Runner, chunks
 from validation.gates import GateFailureItem, evaluate
 from validation.metrics import StepMetrics, step_metrics

@@ -1,4 +1,9 @@
-"""The parity reference: the canonical exported program in fp32, bound to the artifact's source weights."""
+"""The parity reference: the eager canonical model, bound to the artifact's source weights.
+
+It is computed independently of the build: no torch.export, no trace cache, nothing the artifact
+holds. The weights come from the checkpoint folder the manifest names (its file hashes must equal the
+recorded ones) or from the preset and seed the manifest records.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,13 @@ from typing import Any
 
 import torch
 
+import numpy as np
+from torch import nn
+
 from exporter.checkpoint import CheckpointFolder, PresetWeights, WeightSource, expected_shapes
 from exporter.config import MistralConfig
 from exporter.errors import UserError
-from exporter.trace import TraceSpec, bind, traced
-from targets.reference import ProgramRunner
+from exporter.model import MistralModel, empty_caches
 
 
 def source_from_manifest(manifest: dict[str, Any], checkpoint: Path | None = None) -> WeightSource:
@@ -50,11 +57,34 @@ def reference_dtype(manifest: dict[str, Any], choice: str = "auto") -> torch.dty
     return torch.float32 if 4 * params <= FP32_BUDGET * psutil.virtual_memory().total else torch.bfloat16
 
 
+class EagerRunner:
+    """The canonical nn.Module run eagerly (Runner contract), its parameters taken from a lookup as
+    they are: a memory-mapped bf16 tensor stays file-backed, nothing is copied."""
+
+    def __init__(self, cfg: MistralConfig, capacity: int, lookup: Any, dtype: torch.dtype) -> None:
+        with torch.device("meta"):
+            model = MistralModel(cfg).eval()
+        for name, _ in list(model.named_parameters(remove_duplicate=False)):
+            owner, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            owner._parameters[attr] = nn.Parameter(lookup(name), requires_grad=False)
+        self.model, self.cfg, self.dtype = model, cfg, dtype
+        self.capacity, self.window = capacity, cfg.sliding_window
+        self.threads = torch.get_num_threads()
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def reset(self, batch_size: int) -> None:
+        self.k, self.v = empty_caches(self.cfg, batch_size, self.capacity, self.dtype)
+
+    def step(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            logits, self.k, self.v = self.model(torch.as_tensor(input_ids, dtype=torch.long),
+                                                torch.as_tensor(positions, dtype=torch.long), self.k, self.v)
+        return logits.float().numpy()
+
+
 def reference_runner(manifest: dict[str, Any], source: WeightSource,
-                     dtype: torch.dtype = torch.float32) -> ProgramRunner:
-    """The canonical program at the artifact's cache capacity, weights bound by name."""
+                     dtype: torch.dtype = torch.float32) -> EagerRunner:
+    """The eager canonical model at the artifact's cache capacity, weights bound by name."""
     cfg = MistralConfig(**manifest["model"]["config"])
-    capacity = manifest["cache"]["capacity"]
-    program = traced(TraceSpec(cfg, capacity, dtype)).program
-    bind(program, lambda name: source.parameter(name, dtype))
-    return ProgramRunner(program, capacity, cfg.sliding_window)
+    return EagerRunner(cfg, manifest["cache"]["capacity"], lambda name: source.parameter(name, dtype), dtype)

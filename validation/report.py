@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import io
 from pathlib import Path
 from typing import Any
 
+from exporter.artifact import write_new
+from exporter.manifest import dumps
+
 REPORT_SCHEMA_VERSION = 1
+FILES = ("report.json", "report.md", "latency.png", "parity.png")  # what a validation run (re)writes
 LEVELS = ("device", "mil-reference", "onnx-proxy")
 _NUM = {"type": ["number", "null"]}
 _STATS = {"type": "object", "required": ["median_ms", "p90_ms", "runs"],
@@ -56,19 +60,8 @@ REPORT_SCHEMA: dict[str, Any] = {
 }
 
 
-def _json_safe(value: Any) -> Any:
-    """inf and nan are not JSON; write them as strings so the report stays parseable."""
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def write_json(folder: Path, report: dict[str, Any]) -> None:
-    (folder / "report.json").write_text(json.dumps(_json_safe(report), indent=2) + "\n")
+    write_new(folder / "report.json", dumps(report))
 
 
 def _fmt(v: Any) -> str:
@@ -141,12 +134,15 @@ def plot(folder: Path, report: dict[str, Any]) -> bool:
     fig.suptitle(f"{a['target']} {a['precision']} on {report['fingerprint']['cpu'][:50]} ({lat['level']})",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(folder / "latency.png", dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    write_new(folder / "latency.png", buffer.getvalue())
     plt.close(fig)
     return True
 
 
 def write_all(folder: Path, report: dict[str, Any]) -> None:
+    """The report files, each written as a new file (the folder may hold hard links to another's)."""
     write_json(folder, report)
-    (folder / "report.md").write_text(markdown(report))
+    write_new(folder / "report.md", markdown(report))
     plot(folder, report)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -10,8 +11,12 @@ from typing import Any
 
 import torch
 
+from exporter.artifact import locked, rewrite
 from exporter.errors import NotMeasurable
-from exporter.manifest import write_manifest
+from exporter.config import MistralConfig
+from exporter.limits import check_caches_fit
+from exporter.manifest import listed_dir, read_manifest, write_manifest
+from exporter.trace_cache import caching
 from targets import registry
 from validation import latency, report
 from validation.gates import gates_for, loosest
@@ -32,6 +37,7 @@ class ValidateRequest:
     reference_checkpoint: Path | None = None
     reference_dtype: str = "auto"
     new_tokens: int = 20
+    use_cache: bool = True  # the runtimes' compiled-model caches (OpenVINO); the reference never uses one
 
 
 def _parity_section(result: ParityResult | None, level: str, measured_on: str, gates_name: str,
@@ -40,7 +46,7 @@ def _parity_section(result: ParityResult | None, level: str, measured_on: str, g
         return {"status": "not-run", "level": level}
     return {"status": "passed" if result.passed else "failed", "level": level, "measured_on": measured_on,
             "precision_gates": gates_name, "gates": result.gates, "case": result.case.describe(),
-            "reference": "canonical program, " + str(ref_dtype).removeprefix("torch."),
+            "reference": "eager canonical model, " + str(ref_dtype).removeprefix("torch.") + ", no trace or cache",
             "worst": result.worst(), "generation": result.generation,
             "steps": [s.to_dict() for s in result.steps], "failures": [f.to_dict() for f in result.failures]}
 
@@ -65,10 +71,28 @@ def _where(runner: Any, device: str, manifest: dict[str, Any]) -> str:
     return describe() if callable(describe) else f"{device} ({manifest['target']['name']})"
 
 
-def validate_artifact(artifact: Path, req: ValidateRequest, progress: Progress | None = None) -> dict[str, Any]:
-    """Run parity and latency, write report.json/.md/.png into the artifact, update its manifest."""
-    progress = progress or (lambda m, f: None)
+def validate_artifact(artifact: Path, req: ValidateRequest, progress: Progress | None = None,
+                      in_place: bool = False) -> dict[str, Any]:
+    """Run parity and latency and write report.json/.md/.png and the manifest's summary into the
+    artifact. A published artifact is locked meanwhile and updated atomically (its old reports stay
+    until the new ones are complete); in_place is for a build's own staging folder."""
     artifact = Path(artifact)
+    with nullcontext() if in_place else locked(artifact), caching(req.use_cache):
+        manifest, rep = _measure(artifact, req, progress or (lambda m, f: None))
+        manifest["validation"] = summary(rep)
+        if in_place:
+            report.write_all(artifact, rep)
+            write_manifest(artifact, manifest)
+        else:
+            rewrite(artifact, manifest, lambda stage: report.write_all(stage, rep), report.FILES)
+    return rep
+
+
+def _measure(artifact: Path, req: ValidateRequest, progress: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest (verified) and the report of one validation run; nothing is written."""
+    manifest = read_manifest(artifact)
+    cfg_obj = MistralConfig(**manifest["model"]["config"])
+    check_caches_fit(cfg_obj, manifest["cache"]["capacity"], 2, 2, "validation")
     manifest, runner = registry.load_runner(artifact, req.device)
     level = getattr(runner, "level", "device")
     device = req.device or manifest["target"]["device"]
@@ -86,7 +110,7 @@ def validate_artifact(artifact: Path, req: ValidateRequest, progress: Progress |
         tokenizer = None
         if manifest["model"].get("tokenizer"):
             from validation.text import load_tokenizer
-            tokenizer = load_tokenizer(artifact / manifest["model"]["tokenizer"])
+            tokenizer = load_tokenizer(listed_dir(artifact, manifest, manifest["model"]["tokenizer"]))
         case = default_case(runner.capacity, runner.window, cfg["vocab_size"], tokenizer, req.new_tokens)
         result = compare(reference_runner(manifest, source, ref_dtype), runner, case, gates, progress)
     lat: dict[str, Any] = {"status": "not-run", "level": level}
@@ -99,10 +123,7 @@ def validate_artifact(artifact: Path, req: ValidateRequest, progress: Progress |
            "fingerprint": latency.fingerprint(runner, manifest["tool"]),
            "parity": _parity_section(result, level, _where(runner, device, manifest), gates_name, ref_dtype),
            "latency": lat}
-    report.write_all(artifact, rep)
-    manifest["validation"] = summary(rep)
-    write_manifest(artifact, manifest)
-    return rep
+    return manifest, rep
 
 
 def build_validator() -> Callable[[Path, dict[str, Any], Progress], dict[str, Any]]:
@@ -111,7 +132,7 @@ def build_validator() -> Callable[[Path, dict[str, Any], Progress], dict[str, An
 
     def run(stage: Path, manifest: dict[str, Any], progress: Progress) -> dict[str, Any]:
         try:
-            return summary(validate_artifact(stage, ValidateRequest(), progress))
+            return summary(validate_artifact(stage, ValidateRequest(), progress, in_place=True))
         except NotMeasurable as exc:
             return {"status": "not-run", "reason": str(exc)}
 

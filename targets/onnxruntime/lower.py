@@ -8,10 +8,10 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-from exporter.build import trace_dtype
 from exporter.checkpoint import DTYPES
 from exporter.contract import CacheContract, TensorSpec
 from exporter.errors import UserError
+from exporter.trace import trace_dtype
 from targets.base import LowerInput, Lowered
 from targets.onnxruntime import kernels
 from targets.onnxruntime.export import quiet, save, to_onnx
@@ -46,6 +46,19 @@ def buffer_rows(capacity: int, slack: int) -> int:
     if slack < -1:
         raise UserError(f"option cache_slack={slack} must be -1 (auto) or >= 0")
     return capacity + (max(8, capacity // 8) if slack == -1 else slack)
+
+
+# Positions a fused RoPE table holds at most (64 MB of fp32 cos/sin at head_dim 128): a config's
+# max_position_embeddings may be huge (1e9), and the table is allocated at load.
+MAX_ROTARY_ROWS = 1 << 17
+
+
+def rotary_rows(cfg: Any, capacity: int) -> int:
+    """Positions the artifact can be asked for: the context without a window, else the model's
+    trained positions, capped at MAX_ROTARY_ROWS (the runner refuses positions past the table)."""
+    if cfg.sliding_window is None:
+        return capacity
+    return max(capacity, min(cfg.max_position_embeddings, MAX_ROTARY_ROWS))
 
 
 def io_specs(model: ir.Model) -> list[TensorSpec]:
@@ -92,7 +105,7 @@ def _graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) -> tupl
         genai_io(model, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size)
         extra["cache_buffer_rows"] = buffer_rows(inp.capacity, options.cache_slack)
         if options.fuse_rotary and cfg.head_dim % 16 == 0:  # GQA's rotary kernel needs head_size % 16 == 0
-            rows = max(cfg.max_position_embeddings, inp.capacity)
+            rows = rotary_rows(cfg, inp.capacity)
             fused = fuse_rotary(model, cfg, rows, dtype)
             if fused != cfg.num_hidden_layers:
                 raise RuntimeError(f"RoPE folded into {fused} of {cfg.num_hidden_layers} GQA nodes: "

@@ -17,14 +17,32 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from exporter.errors import TargetUnavailable, UserError
+from exporter.errors import ArtifactError, TargetUnavailable, UserError
 from targets.onnxruntime.kernels import PROVIDERS
 
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float32, "int4": np.float32}
 
 
-def session(model: Path, device: str, threads: int) -> ort.InferenceSession:
+def check_external_data(model: Path, allowed: str) -> None:
+    """Refuse an ONNX whose external-data locations name any file but `allowed` beside it: the runtime
+    would otherwise open whatever path a tampered model.onnx names."""
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")]
+    for tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location != allowed:
+                raise ArtifactError(f"{model.name}: tensor {tensor.name} keeps its data in {location!r}, not in "
+                                    f"{allowed}; refused (rebuild the artifact)")
+
+
+def session(model: Path, device: str, threads: int, data_file: str = "model.onnx.data") -> ort.InferenceSession:
     """An InferenceSession on the device's execution provider with the given intra-op threads."""
+    check_external_data(model, data_file)
+    if hasattr(ort, "disable_telemetry_events"):
+        ort.disable_telemetry_events()
     provider = PROVIDERS[device]
     if provider not in ort.get_available_providers():
         raise TargetUnavailable(f"{provider} is not available in this onnxruntime "

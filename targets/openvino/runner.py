@@ -17,18 +17,19 @@ from typing import Any
 import numpy as np
 
 from exporter.errors import TargetUnavailable
-from exporter.trace import cache_root
+from exporter.trace_cache import runtime_cache
 from targets.openvino.options import DEVICES
 
 
 def core_with_cache() -> Any:
-    """An OpenVINO Core whose compiled blobs are cached (keyed by OpenVINO on model and config)."""
+    """An OpenVINO Core whose compiled blobs are cached (keyed by OpenVINO on model and config) in a
+    folder only this user can write, unless caching is off (--no-cache)."""
     import openvino as ov
 
     core = ov.Core()
-    cache_dir = cache_root() / "openvino-compiled"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    core.set_property({"CACHE_DIR": str(cache_dir)})
+    cache_dir = runtime_cache("openvino-compiled")
+    if cache_dir is not None:
+        core.set_property({"CACHE_DIR": str(cache_dir)})
     return core
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.contract import CacheContract, TensorSpec, cache_contract, canonical_io
-from exporter.errors import ArtifactError
+from exporter.manifest import listed_file
 from targets.base import LowerInput, Lowered, check_supported
 from targets.openvino import compress, convert, runner, stateful, tokenizer, weights
 from targets.openvino.options import (DEVICES, PRECISIONS, SUPPORT_TABLE, OpenVinoOptions, check_options,
@@ -97,9 +97,9 @@ class OpenVinoTarget:
         target = manifest["target"]
         device = device or target["device"]
         check_supported(self, device, target["precision"], SUPPORT_TABLE)
-        xml = Path(artifact) / target.get("model_file", MODEL_XML)
-        if not xml.is_file():
-            raise ArtifactError(f"{xml} is missing; rebuild the artifact with --force")
+        # A manifest path, so it must be one of the artifact's own verified files (never ../ or absolute).
+        xml = listed_file(Path(artifact), manifest, target.get("model_file", MODEL_XML))
+        listed_file(Path(artifact), manifest, xml.with_suffix(".bin").relative_to(artifact).as_posix())
         threads = int(target["options"].get("threads", 0))
         compiled, core, name = runner.compile_model(xml, device, target["runtime_hints"], threads)
         cache, cfg = manifest["cache"], manifest["model"]["config"]

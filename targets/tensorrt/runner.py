@@ -24,6 +24,10 @@ class OnnxProxyRunner:
                  provider: str = "CPUExecutionProvider") -> None:
         import onnxruntime as ort
 
+        from targets.onnxruntime.runner import check_external_data
+        from targets.tensorrt.onnx_graph import DATA_FILE
+
+        check_external_data(artifact / MODEL_FILE, DATA_FILE)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         self.provider = provider

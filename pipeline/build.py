@@ -10,13 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporter.artifact import staged
+from exporter import offline
+from exporter.artifact import check_out, staged
+from exporter.trace_cache import caching
 from exporter.checkpoint import DTYPES, TOKENIZER_FILES, CheckpointFolder, WeightSource, open_source
 from exporter.config import MistralConfig
 from exporter.contract import io_to_dict
 from exporter.errors import TargetUnavailable, UserError
 from exporter.manifest import tool_versions, write_manifest
-from exporter.trace import TracedProgram, TraceSpec, traced
+from exporter.trace import TracedProgram, TraceSpec, trace_dtype, traced
 from targets import registry
 from targets.base import LowerInput, Progress, Target, check_supported, parse_options
 
@@ -49,15 +51,14 @@ class BuildResult:
 
 
 def capacity_for(cfg: MistralConfig, max_context: int) -> int:
-    """Cache capacity: the sliding window when there is one (a ring buffer), else --max-context."""
+    """Cache capacity: the sliding window when there is one (a ring buffer), else --max-context,
+    which may not exceed the positions the model was trained for."""
     if max_context < 2:
         raise UserError(f"--max-context must be at least 2, got {max_context}")
+    if cfg.sliding_window is None and max_context > cfg.max_position_embeddings:
+        raise UserError(f"--max-context {max_context} exceeds the model's max_position_embeddings "
+                        f"({cfg.max_position_embeddings}); choose at most that")
     return cfg.sliding_window or max_context
-
-
-def trace_dtype(precision: str) -> str:
-    """Float precisions trace in their own dtype; quantized ones trace fp32 and quantize weights."""
-    return precision if precision in DTYPES else "fp32"
 
 
 def resolve_target(req: BuildRequest) -> tuple[Target, Any, BuildRequest]:
@@ -95,19 +96,28 @@ def build(req: BuildRequest, progress: Progress | None = None, validator: Valida
           source: WeightSource | None = None, traces: dict[str, TracedProgram] | None = None) -> BuildResult:
     """Build one artifact at req.out (or the default path), whole or not at all.
 
-    `source` and `traces` let several builds share one opened checkpoint and one trace per spec."""
-    progress = progress or (lambda message, fraction: None)
+    `source` and `traces` let several builds share one opened checkpoint and one trace per spec.
+    With req.use_cache false no cache is read or written at any stage, validation included."""
+    offline.disable_telemetry()
+    with caching(req.use_cache):
+        return _build(req, progress or (lambda message, fraction: None), validator, source, traces)
+
+
+def _build(req: BuildRequest, progress: Progress, validator: Validator | None, source: WeightSource | None,
+           traces: dict[str, TracedProgram] | None) -> BuildResult:
     target, options, req = resolve_target(req)
     source = source or open_source(req.checkpoint, req.preset)
     capacity = capacity_for(source.config, req.max_context)
+    out = req.out or ARTIFACTS_ROOT / default_name(source, target.name, req.precision)
+    protect = [source.folder] if isinstance(source, CheckpointFolder) else []
+    check_out(out, req.force, protect)  # before any work; staged() checks again under the lock
     progress("tracing", 0.0)
     spec = TraceSpec(source.config, capacity, DTYPES[getattr(target, "trace_dtype", trace_dtype)(req.precision)])
     traces = {} if traces is None else traces
     if spec.key() not in traces:
         traces[spec.key()] = traced(spec, req.use_cache)
     trace = traces[spec.key()]
-    out = req.out or ARTIFACTS_ROOT / default_name(source, target.name, req.precision)
-    with staged(out, req.force) as stage:
+    with staged(out, req.force, protect) as stage:
         start = time.perf_counter()
         lowered = target.lower(LowerInput(trace.program, source.config, capacity, req.precision, source,
                                           req.device, options, progress), stage)

@@ -4,14 +4,15 @@ target into its own artifact, and report every target's outcome in build-summary
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from exporter.build import ARTIFACTS_ROOT, BuildRequest, Validator, build, default_name
+from exporter.artifact import write_new
+from exporter.manifest import dumps
+from pipeline.build import ARTIFACTS_ROOT, BuildRequest, Validator, build, default_name
 from exporter.checkpoint import open_source
 from exporter.errors import UserError
 from exporter.trace import TracedProgram
@@ -65,7 +66,7 @@ def build_many(req: BuildRequest, names: list[str], progress_for: Callable[[str]
     summary = {"model": source.name, "source": source.fingerprint(), "targets": results,
                "traces": len(traces), "total_seconds": round(time.perf_counter() - started, 2)}
     parent.mkdir(parents=True, exist_ok=True)
-    (parent / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    write_new(parent / SUMMARY, dumps(summary))
     return summary
 
 
