@@ -275,20 +275,27 @@ def generate_cmd(
 
 def _print_report(rep: dict[str, Any]) -> None:
     p, lat = rep["parity"], rep["latency"]
-    color = {"passed": "green", "failed": "red"}.get(p["status"], "yellow")
-    out.print(f"parity: [{color}]{p['status']}[/] (level {p['level']}, gates {p.get('precision_gates')})")
-    if p["status"] != "not-run":
-        worst = ", ".join(f"{k} {v:.3g}" for k, v in p["worst"].items())
-        out.print(f"  worst: {worst}; free-running match {p['generation']['free_running_match']:.2f}",
-                  highlight=False)
-        for f in p["failures"][:10]:
-            out.print(f"  [red]FAIL[/] {f['metric']} at {f['step']} = {f['value']:.4g} "
-                      f"({'<=' if f['bound'] == 'max' else '>='} {f['threshold']:.4g})", highlight=False)
+    colors = {"passed": "green", "failed": "red"}
+    out.print(Text.assemble("parity: ", (p["status"], colors.get(p["status"], "yellow")), f" (level {p['level']})"))
+    for name in ("fidelity", "quality") if p["status"] != "not-run" else ():
+        part = p[name]
+        if part["status"] == "same-as-fidelity":
+            out.print(f"  {name}: {part['reason']}")
+            continue
+        worst = ", ".join(f"{k} {v:.3g}" for k, v in part["worst"].items())
+        weights = part.get("weights")
+        out.print(Text.assemble(f"  {name} ", (part["status"], colors.get(part["status"], "yellow")),
+                                f" (gates {part['precision_gates']}): {worst}; corpus mean KL "
+                                f"{part['corpus']['mean_kl']:.3g}, same top {part['corpus']['same_top_pct']:.1f} %"
+                                + (f"; stored weights {weights['status']} ({weights['checked']} checked)"
+                                   if weights else "")))
+    for f in p.get("failures", [])[:10]:
+        out.print(Text.assemble("  ", ("FAIL", "red"), f" {f['section']}: {f['metric']} at {f['step']} = "
+                                f"{f['value']:.4g} ({'<=' if f['bound'] == 'max' else '>='} {f['threshold']:.4g})"))
     if lat["status"] == "measured":
         pre = ", ".join(f"T={r['tokens']}: {r['median_ms']:.2f} ms" for r in lat["prefill"])
         dec = ", ".join(f"fill {r['fill']}: {r['median_ms']:.2f} ms" for r in lat["decode"])
-        out.print(f"latency ({lat['level']}): prefill {pre}; decode {dec}; peak RSS {lat['peak_rss_mb']} MB",
-                  highlight=False)
+        out.print(f"latency ({lat['level']}): prefill {pre}; decode {dec}; peak RSS {lat['peak_rss_mb']} MB")
 
 
 @app.command("validate")
@@ -296,20 +303,24 @@ def _print_report(rep: dict[str, Any]) -> None:
 def validate_cmd(
     artifact: Annotated[Path, typer.Argument(help="Artifact folder.")],
     device: Annotated[str | None, typer.Option(help="Device to validate on [default: the artifact's].")] = None,
-    precision_gates: Annotated[str | None, typer.Option(help="Gate table row: fp32, fp16, bf16, int8, int4 [default: the artifact's precision].")] = None,
+    precision_gates: Annotated[str | None, typer.Option(help="Gate row for the comparison with the float checkpoint (quality; for float artifacts the only one): fp32, fp16, bf16, int8, int4 [default: the artifact's precision]. Fidelity of quantized artifacts is always gated by the row of the runtime's arithmetic.")] = None,
     reference_checkpoint: Annotated[Path | None, typer.Option(help="Original checkpoint, if not at its recorded path.")] = None,
     reference_dtype: Annotated[str, typer.Option(help="Reference precision: auto (fp32 unless it would not fit in memory, then bf16 with gates no tighter than bf16's), fp32, bf16.")] = "auto",
     latency: Annotated[bool, typer.Option(help="Also measure latency.")] = True,
+    cache: Annotated[bool, typer.Option(help="Let the runtime reuse its compiled-model cache (OpenVINO).")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print report.json to stdout.")] = False,
 ) -> None:
-    """Parity against the canonical fp32 reference (exit 3 on a failed gate) and latency; writes
-    report.json, report.md and latency.png into the artifact."""
+    """Fidelity (is the artifact the model it claims to be: for quantized artifacts against its own
+    weights read back, which are also checked exactly) and quality (against the float checkpoint),
+    each with corpus statistics; latency. Exit 3 on a failed gate. Writes report.json, report.md,
+    parity.png and latency.png into the artifact, atomically."""
     from validation.stage import ValidateRequest, validate_artifact
 
     if reference_dtype not in ("auto", "fp32", "bf16"):
         raise UserError(f"--reference-dtype must be auto, fp32 or bf16, got {reference_dtype!r}")
     req = ValidateRequest(device=device, precision_gates=precision_gates, latency=latency,
-                          reference_checkpoint=reference_checkpoint, reference_dtype=reference_dtype)
+                          reference_checkpoint=reference_checkpoint, reference_dtype=reference_dtype,
+                          use_cache=cache)
     with progress_bar(not json_out) as bar:
         rep = validate_artifact(artifact, req, bar)
     if json_out:
@@ -317,11 +328,12 @@ def validate_cmd(
         print(dumps(rep), end="")
     else:
         _print_report(rep)
-        out.print(f"wrote {artifact}/report.json, report.md, latency.png", highlight=False)
+        out.print(f"wrote {artifact}/report.json, report.md and plots")
     if rep["parity"]["status"] == "failed":
         first = rep["parity"]["failures"][0]
-        raise GateFailure(f"{len(rep['parity']['failures'])} parity gate(s) failed, first: {first['metric']} at "
-                          f"{first['step']} = {first['value']:.4g} (threshold {first['threshold']:.4g})")
+        raise GateFailure(f"{len(rep['parity']['failures'])} parity gate(s) failed, first: {first['section']} "
+                          f"{first['metric']} at {first['step']} = {first['value']:.4g} "
+                          f"(threshold {first['threshold']:.4g})")
 
 
 @app.command("bench")

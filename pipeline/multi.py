@@ -7,7 +7,6 @@ import dataclasses
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from exporter.artifact import write_new

@@ -65,6 +65,27 @@ class Lowered:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Readback:
+    """A quantized artifact's weights read back from its own files (validation's fidelity question).
+
+    `weights` holds, by canonical name, the values the runtime computes with (dequantized, fp32);
+    every stored tensor was also compared with the source weight encoded again by the runtime's own
+    quantizer under the recorded settings: `mismatches` names those that differ (exact comparison)."""
+
+    weights: dict[str, torch.Tensor]
+    checked: int
+    mismatches: list[str]
+    method: str
+    unchecked: str | None = None  # why no exact comparison was possible, when it was not
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": "not-run" if self.unchecked else ("failed" if self.mismatches else "passed"),
+                "method": self.method, "checked": self.checked, "mismatches": self.mismatches[:20],
+                "mismatch_count": len(self.mismatches), "read_back": len(self.weights),
+                "reason": self.unchecked}
+
+
 @runtime_checkable
 class Runner(Protocol):
     """Drives one artifact. It holds its cache; the caller only feeds tokens and positions."""

@@ -74,12 +74,17 @@ def save_tokenizer(folder: Path, vocab_size: int) -> None:
     write_tokenizer(folder, vocab_size)
 
 
-def cli_build(target: str, out: Path, *args: str) -> Any:
-    """`mistral-export build --target target --out out ...` through the CLI, its output printed for the log."""
+def cli_run(*args: str) -> Any:
+    """`mistral-export ARGS` through the CLI in-process, its output printed for the log."""
     from typer.testing import CliRunner
 
     from mistral_export.cli import app
 
-    result = CliRunner().invoke(app, ["build", "--target", target, "--out", str(out), *args])
+    result = CliRunner().invoke(app, list(args))
     print(result.output)
     return result
+
+
+def cli_build(target: str, out: Path, *args: str) -> Any:
+    """`mistral-export build --target target --out out ...` through the CLI, its output printed for the log."""
+    return cli_run("build", "--target", target, "--out", str(out), *args)

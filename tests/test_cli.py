@@ -7,18 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from mistral_export.cli import app
-from tests.conftest import hf_model, save_checkpoint, save_tokenizer
-
-cli = CliRunner()
+from tests.conftest import cli_run as run, hf_model, save_checkpoint, save_tokenizer
 
 
-def run(*args: str) -> object:
-    result = cli.invoke(app, list(args))
-    print(result.output)
-    return result
+
 
 
 def build_tiny(out: Path, *extra: str) -> object:

@@ -68,7 +68,7 @@ def test_mil_reference_parity_is_labelled(fp16_artifact: Path) -> None:
     assert report["parity"]["status"] == "passed"
     if platform.system() != "Darwin":
         assert report["parity"]["level"] == "mil-reference" and report["latency"]["level"] == "mil-reference"
-    print("coreml fp16 worst:", report["parity"]["worst"])
+    print("coreml fp16 worst:", report["parity"]["fidelity"]["worst"])
 
 
 @pytest.mark.parametrize("precision,most", [("int8", 0.6), ("int4", 0.4), ("palette4", 0.4)])

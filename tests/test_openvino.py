@@ -69,9 +69,9 @@ def _ports(artifact: Path) -> tuple[set[str], set[str]]:
 def test_fp32_parity_past_the_window(form: str, request: pytest.FixtureRequest) -> None:
     artifact = request.getfixturevalue(form)
     report = json.loads((artifact / "report.json").read_text())
-    parity = report["parity"]
+    parity = report["parity"]["fidelity"]
     print(f"openvino {form} fp32: worst {parity['worst']} on {report['fingerprint']['device']}")
-    assert parity["status"] == "passed"
+    assert parity["status"] == "passed" and report["parity"]["quality"]["status"] == "same-as-fidelity"
     assert parity["case"]["prompt_lengths"] == [2 * 16 + 3, 16 + 1]  # batch 2, ragged, past the window
     assert parity["worst"]["max_abs"] <= 1e-4
     assert report["fingerprint"]["device"]["inference_precision"] == "f32"
@@ -140,6 +140,25 @@ def test_long_ragged_decode_stays_bounded_and_exact(stateful: Path) -> None:
         assert runner.slots.shape[1] <= 2 * runner.capacity
     print(f"80 positions, batch 2 ragged: max |logit diff| {worst:.3g}")
     assert worst <= 1e-4
+
+
+def test_a_larger_batch_after_a_smaller_one_is_exact(stateful: Path) -> None:
+    """openvino 2026.4's CPU plugin, after reset_state, read stale cache rows for rows beyond the batch
+    the request last ran (off by up to 5 logits); found by the corpus pass, which changes batch size."""
+    _, runner = registry.load_runner(stateful)
+    _, fresh = registry.load_runner(stateful)
+    rng = np.random.default_rng(5)
+
+    def feed(r: object, ids: np.ndarray) -> np.ndarray:
+        r.reset(ids.shape[0])
+        return np.concatenate([r.step(ids[:, a:a + 16], np.tile(np.arange(a, min(a + 16, ids.shape[1])),
+                                                                (ids.shape[0], 1))) for a in range(0, ids.shape[1], 16)], 1)
+
+    feed(runner, rng.integers(0, 512, (2, 40)))
+    wide = rng.integers(0, 512, (4, 35))
+    diff = np.abs(feed(runner, wide) - feed(fresh, wide)).max(axis=(1, 2))
+    print("per-row max |diff| after batch 2 -> 4:", diff)
+    assert diff.max() <= 1e-5
 
 
 def test_int4_is_compressed_by_nncf(workdir: Path) -> None:

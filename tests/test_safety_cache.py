@@ -21,7 +21,8 @@ from exporter import program_file, trace_cache
 from exporter.config import preset
 from exporter.manifest import read_manifest, write_manifest
 from exporter.trace import TraceSpec, save_program, trace
-from mistral_export.cli import app, configure_logging
+from mistral_export.cli import configure_logging
+from tests.conftest import cli_run as run
 
 cli = CliRunner()
 TINY = preset("tiny")
@@ -36,10 +37,6 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def run(*args: str) -> Any:
-    result = cli.invoke(app, list(args))
-    print(result.output)
-    return result
 
 
 def build(out: Path, *extra: str) -> Any:

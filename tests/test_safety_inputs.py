@@ -12,20 +12,13 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from exporter.checkpoint import sha256_file
 from exporter.manifest import read_manifest, write_manifest
-from mistral_export.cli import app
-from tests.conftest import TINY_HF, hf_model, save_checkpoint, write_config
-
-cli = CliRunner()
+from tests.conftest import cli_run as run, TINY_HF, hf_model, save_checkpoint, write_config
 
 
-def run(*args: str) -> Any:
-    result = cli.invoke(app, list(args))
-    print(result.output)
-    return result
+
 
 
 def refused(result: Any, needle: str) -> None:

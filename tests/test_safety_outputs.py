@@ -6,23 +6,15 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from exporter import staging
-from mistral_export.cli import app
-from tests.conftest import hf_model, save_checkpoint
-
-cli = CliRunner()
+from tests.conftest import cli_run as run, hf_model, save_checkpoint
 
 
-def run(*args: str) -> object:
-    result = cli.invoke(app, list(args))
-    print(result.output)
-    return result
+
 
 
 def build_ref(out: Path, *extra: str) -> object:

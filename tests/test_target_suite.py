@@ -53,9 +53,14 @@ def test_target_passes_parity_gates(target: str, precision: str, extra: list[str
     result = cli_build(target, out, "--precision", precision, *extra)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    parity = report["parity"]
-    print(f"{target}/{precision}: worst {parity['worst']}, level {parity['level']}")
+    assert report["parity"]["status"] == "passed", report["parity"]["failures"]
+    quantized = precision in ("int8", "int4", "palette4")
+    parity = report["parity"]["quality" if quantized else "fidelity"]
+    print(f"{target}/{precision}: worst {parity['worst']}, corpus {parity['corpus']['mean_kl']:.3g}, "
+          f"level {report['parity']['level']}")
     assert parity["status"] == "passed" and parity["precision_gates"] == precision
+    if quantized:  # the artifact's own weights were read back and checked exactly
+        assert report["parity"]["fidelity"]["weights"]["status"] == "passed"
     assert parity["case"]["prompt_lengths"][0] > 2 * 16  # crosses the tiny window twice
     if precision == "fp32":
         assert parity["worst"]["max_abs"] <= 1e-4

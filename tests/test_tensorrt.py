@@ -45,7 +45,7 @@ def test_onnx_has_single_output_attention_and_no_softmax(onnx_artifact: Path) ->
 def test_onnx_proxy_parity_is_labelled(onnx_artifact: Path) -> None:
     report = json.loads((onnx_artifact / "report.json").read_text())
     parity = report["parity"]
-    print("tensorrt fp16 onnx-proxy worst:", parity["worst"])
+    print("tensorrt fp16 onnx-proxy worst:", parity["fidelity"]["worst"])
     assert parity["status"] == "passed" and parity["level"] == "onnx-proxy"
     assert "ONNX Runtime" in parity["measured_on"] and report["latency"]["level"] == "onnx-proxy"
     plan = json.loads((onnx_artifact / "engine_plan.json").read_text())

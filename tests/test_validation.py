@@ -40,6 +40,28 @@ def test_metrics_known_answers() -> None:
     assert bad.max_abs == float("inf") and bad.top1 == 0.0
 
 
+def test_corpus_statistics_known_answers() -> None:
+    from validation.corpus import Positions, rows, summarize, text, tokens
+
+    pos = Positions()
+    ref = np.log(np.array([[0.5, 0.25, 0.25], [0.8, 0.1, 0.1]]))
+    art = np.log(np.array([[0.25, 0.5, 0.25], [0.8, 0.1, 0.1]]))
+    pos.add(ref, art, np.array([0, 1]))
+    stats = summarize(pos)
+    kl0 = 0.5 * math.log(2) + 0.25 * math.log(0.5)  # KL([.5,.25,.25] || [.25,.5,.25])
+    assert stats["mean_kl"] == pytest.approx(kl0 / 2) and stats["kl_percentiles"]["max"] == pytest.approx(kl0)
+    assert stats["same_top_pct"] == 50.0  # row 0: the artifact's top token differs
+    assert stats["delta_p_pct"]["mean"] == pytest.approx(100 * (0.25 - 0.5) / 2)
+    assert stats["ppl_reference"] == pytest.approx(math.exp(-(math.log(0.5) + math.log(0.1)) / 2))
+    assert stats["ppl_ratio"] == pytest.approx(math.exp(-(math.log(0.25) - math.log(0.5)) / 2))
+    assert len(stats["kl_quantiles"]) == 101
+    ids, how = tokens(None, 512)
+    assert how == "utf-8 bytes" and len(ids) == len(text().encode()) and max(ids) < 512
+    assert all(w in text() for w in ("Le marché", "東京", "SELECT", "def rolling_slot", "299,792,458"))
+    chunks = rows(ids, 16, 16)
+    assert all(len(r) == 35 for r in chunks) and sum(map(len, chunks)) >= len(ids)
+
+
 def test_gates_collect_every_failure() -> None:
     good = metrics.StepMetrics("decode[0]", 2, 1e-6, 1e-7, 1.0, 1.0, 0.0)
     bad = metrics.StepMetrics("decode[1]", 2, 1e-2, 1e-7, 0.5, 0.5, 0.0)
@@ -81,7 +103,15 @@ def test_build_writes_reports_that_match_the_schema(artifact: Path) -> None:
     jsonschema.validate(rep, REPORT_SCHEMA)
     assert rep["parity"]["status"] == "passed" and rep["parity"]["level"] == "device"
     assert rep["latency"]["status"] == "measured" and rep["latency"]["decode"]
-    assert (artifact / "latency.png").stat().st_size > 1000
+    assert (artifact / "latency.png").stat().st_size > 1000 and (artifact / "parity.png").stat().st_size > 1000
+    fidelity = rep["parity"]["fidelity"]
+    assert rep["schema_version"] == 2 and rep["parity"]["quality"]["status"] == "same-as-fidelity"
+    assert "top1_worst_step" in fidelity["worst"] and all("top1" in s for s in fidelity["steps"])
+    corpus = fidelity["corpus"]
+    assert corpus["positions"] > 1000 and set(corpus["kl_percentiles"]) == {"max", "p99.9", "p99", "p95", "p90",
+                                                                            "median"}
+    assert corpus["ppl_ratio"] == pytest.approx(1.0) and corpus["same_top_pct"] == 100.0
+    assert rep["parity"]["reference"]["weights"] == "preset:tiny:seed0"
     assert "## Parity: **passed**" in (artifact / "report.md").read_text()
     manifest = read_manifest(artifact)
     assert manifest["validation"]["status"] == "passed"
@@ -152,8 +182,9 @@ def test_bf16_reference_is_recorded_and_gates_loosened(artifact: Path, tmp_path:
     result = _validate(folder, "--reference-dtype", "bf16")
     rep = json.loads((folder / "report.json").read_text())
     parity = rep["parity"]
-    print("fp32 artifact vs bf16 reference:", parity["worst"])
-    assert parity["reference"].startswith("eager canonical model, bfloat16")
-    assert parity["precision_gates"] == "fp32+bf16-reference" and parity["gates"]["max_abs"] == GATES["bf16"]["max_abs"]
+    print("fp32 artifact vs bf16 reference:", parity["fidelity"]["worst"])
+    assert parity["reference"]["dtype"] == "bfloat16" and "no trace cache" in parity["reference"]["kind"]
+    fidelity = parity["fidelity"]
+    assert fidelity["precision_gates"] == "fp32+bf16-reference" and fidelity["gates"]["max_abs"] == GATES["bf16"]["max_abs"]
     assert result.exit_code == 0 and parity["status"] == "passed"
     jsonschema.validate(json.loads((folder / "report.json").read_text()), REPORT_SCHEMA)

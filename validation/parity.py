@@ -87,7 +87,8 @@ class ParityResult:
     def worst(self) -> dict[str, float]:
         return {"max_abs": max(s.max_abs for s in self.steps), "mean_abs": max(s.mean_abs for s in self.steps),
                 "kl": max(s.kl for s in self.steps), "cosine": min(s.cosine for s in self.steps),
-                "top1": sum(s.top1 * s.positions for s in self.steps) / sum(s.positions for s in self.steps)}
+                "top1": sum(s.top1 * s.positions for s in self.steps) / sum(s.positions for s in self.steps),
+                "top1_worst_step": min(s.top1 for s in self.steps)}
 
 
 def _prefix_match(a: list[int], b: list[int]) -> int:

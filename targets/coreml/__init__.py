@@ -91,6 +91,16 @@ class CoreMLTarget:
                               "deployment_target": inp.options.deployment_target,
                               "kernels": {"cpu": "iOS18 scaled_dot_product_attention"}})
 
+    def readback(self, artifact: Path, manifest: dict[str, Any], source: Any) -> Any:
+        """The weights as the MIL program holds them, each checked against the source compressed again."""
+        from targets.coreml.readback import readback
+
+        return readback(Path(artifact), manifest, source)
+
+    def fidelity_gates(self, manifest: dict[str, Any], runner: Any) -> str:
+        """Compressed weights decompress to fp16, which the program computes in (fp16 state too)."""
+        return "fp16"
+
     def load(self, artifact: Path, manifest: dict[str, Any], device: str | None) -> Any:
         from targets.coreml.runner import DeviceRunner, MilRunner
 

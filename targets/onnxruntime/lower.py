@@ -128,7 +128,7 @@ def lower_to_files(inp: LowerInput, out_dir: Path) -> Lowered:
     with quiet():
         model, extra = _graph(inp, options, chosen.attention)
         keep_float = (lambda names: names == ("lm_head.weight",)) if not options.quantize_lm_head else (lambda names: False)
-        bind_weights(model, inp.weight, quant, keep_float)
+        extra["weight_map"] = bind_weights(model, inp.weight, quant, keep_float)
         if _upcast(inp):
             compute_in_fp32(model)
     save(model, out_dir / MODEL_FILE, DATA_FILE, inp.progress, "onnx")

@@ -69,6 +69,18 @@ class OnnxRuntimeTarget:
         check_supported(self, inp.device, inp.precision, self.support_table)
         return lower_to_files(inp, out_dir)
 
+    def readback(self, artifact: Path, manifest: dict[str, Any], source: Any) -> Any:
+        """The artifact's weights as MatMulNBits computes with them, checked against the source."""
+        from targets.onnxruntime.readback import readback
+
+        return readback(Path(artifact), manifest, source)
+
+    def fidelity_gates(self, manifest: dict[str, Any], runner: Any) -> str:
+        """The gate row of the arithmetic the quantized graph really runs: MatMulNBits accuracy_level 4
+        quantizes activations to int8 per block; levels 0-1 keep fp32 activations."""
+        quant = manifest["target"].get("quantization") or {}
+        return "int8-activations" if quant.get("accuracy_level", 0) >= 2 else "fp32"
+
     def load(self, artifact: Path, manifest: dict[str, Any], device: str | None) -> Any:
         from targets.onnxruntime.runner import GqaRunner, RingRunner, session
 

@@ -107,6 +107,11 @@ class StatefulRunner(_Base):
     """The stateful IR: inputs input_ids, position_ids, attention_mask, beam_idx; output logits."""
 
     def reset(self, batch_size: int) -> None:
+        if getattr(self, "slots", None) is not None and self.slots.shape[0] != batch_size:
+            # Measured on openvino 2026.4 CPU: after reset_state, a larger batch than the request last ran
+            # reads stale cache rows in the fused SDPA-with-KV-cache kernel (rows beyond the old batch
+            # were off by up to 5 logits). A fresh request per batch size has no such state.
+            self.request = self.compiled.create_infer_request()
         self.request.reset_state()
         self.slots = np.zeros((batch_size, 0), dtype=np.int64)  # 1 = a real token in that cache slot
         self.beam_idx = np.arange(batch_size, dtype=np.int32)

@@ -93,6 +93,20 @@ class OpenVinoTarget:
             "ops": {k: ops.get(k, 0) for k in (KERNEL, "ReadValue", "Assign", "ScatterElementsUpdate")},
             "tokenizer_ir": tok, "kernels": {inp.device: KERNEL}})
 
+    def readback(self, artifact: Path, manifest: dict[str, Any], source: Any) -> Any:
+        """The weights as OpenVINO decompresses them, each checked against the source compressed again."""
+        from targets.openvino.readback import readback
+
+        return readback(Path(artifact), manifest, source)
+
+    def fidelity_gates(self, manifest: dict[str, Any], runner: Any) -> str:
+        """The row of the arithmetic the device resolved (compressed precisions keep its defaults)."""
+        device = runner.describe_device()
+        inference, cache = device.get("inference_precision"), device.get("kv_cache_precision")
+        if inference in ("bf16", "f16"):
+            return {"bf16": "bf16", "f16": "fp16"}[inference]
+        return "u8-kv-cache" if cache in ("u8", "u4", "i8") else "fp32"
+
     def load(self, artifact: Path, manifest: dict[str, Any], device: str | None) -> Any:
         target = manifest["target"]
         device = device or target["device"]

@@ -56,11 +56,14 @@ def _linear_users(value: ir.Value) -> list[ir.Node] | None:
 
 
 def bind_weights(model: ir.Model, lookup: Lookup, quant: QuantSpec | None = None,
-                 keep_float: Callable[[tuple[str, ...]], bool] = lambda names: False) -> None:
+                 keep_float: Callable[[tuple[str, ...]], bool] = lambda names: False) -> dict[str, dict]:
     """Turn every weight input into lazily produced initializers (quantizing MatMul weights with
-    quant, except those keep_float selects)."""
+    quant, except those keep_float selects). Returns the weight map the manifest records, so the
+    artifact's weights can be read back by canonical name: initializer (or MatMulNBits prefix) ->
+    {"names": canonical names stacked along rows, "layout": as-is | transposed | matmulnbits}."""
     g = model.graph
     quantizer = BlockQuantizer(quant) if quant else None
+    weight_map: dict[str, dict] = {}
     for value in weight_inputs(model):
         names: tuple[str, ...] = value.meta[WEIGHT_META]
         load = loader(names, lookup)
@@ -71,16 +74,20 @@ def bind_weights(model: ir.Model, lookup: Lookup, quant: QuantSpec | None = None
             value.const_value = _lazy(value.name or names[0], value.dtype, shape,  # type: ignore[arg-type]
                                       lambda load=load: TorchTensor(load().contiguous()))
             g.register_initializer(value)
+            weight_map[value.name or names[0]] = {"names": list(names), "layout": "as-is"}
             continue
+        name = stored_name(names, "MatMul.weight")
         if quantizer is None or keep_float(names):
-            name = stored_name(names, "MatMul.weight")
             w_t = _register(g, _lazy(name, value.dtype, shape[::-1],  # type: ignore[arg-type]
                                      lambda load=load: TorchTensor(load().t().contiguous())))
             for t in transposes:
                 t.outputs[0].replace_all_uses_with(w_t)
+            weight_map[name] = {"names": list(names), "layout": "transposed"}
         else:
             _quantized_matmuls(g, transposes, names, load, shape, quantizer, quant)  # type: ignore[arg-type]
+            weight_map[name] = {"names": list(names), "layout": "matmulnbits"}
         g.remove(transposes, safe=True)
+    return weight_map
 
 
 def _quantized_matmuls(g: ir.Graph, transposes: list[ir.Node], names: tuple[str, ...],

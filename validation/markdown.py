@@ -1,0 +1,83 @@
+"""report.md: what a person reads first; every figure says what it was compared with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _bound(f: dict[str, Any]) -> str:
+    return "<=" if f["bound"] == "max" else ">="
+
+
+def _section(name: str, part: dict[str, Any]) -> list[str]:
+    lines = [f"### {name.capitalize()}: **{part['status']}**", ""]
+    if part["status"] == "same-as-fidelity":
+        return lines + [part["reason"], ""]
+    lines += [f"Reference weights: {part['reference_weights']}. Gates: `{part['precision_gates']}`.", ""]
+    weights = part.get("weights")
+    if weights:
+        lines += [f"Stored weights: **{weights['status']}**, {weights['checked']} tensors checked ({weights['method']})"
+                  + (f"; {weights['mismatch_count']} differ: {'; '.join(weights['mismatches'][:5])}"
+                     if weights["mismatches"] else "") + (f"; {weights['reason']}" if weights.get("reason") else ""), ""]
+    case, g, gates = part["case"], part["generation"], part["gates"]
+    lines += [f"Inputs: {case['source']}, prompt lengths {case['prompt_lengths']}, chunk {case['chunk']}, "
+              f"{case['new_tokens']} decode steps.", "",
+              "| metric | worst | gate |", "|---|---|---|"]
+    for k, v in part["worst"].items():
+        gate = "(reported, not gated)" if k == "top1_worst_step" else gates.get(k)
+        lines.append(f"| {k} | {_fmt(v)} | {_fmt(gate)} |")
+    for k in ("teacher_forced_match", "free_running_match"):
+        lines.append(f"| {k} | {_fmt(g[k])} | {_fmt(gates[k])} |")
+    c = part["corpus"]
+    pct, dp = c["kl_percentiles"], c["delta_p_pct"]
+    lines += ["", f"Corpus ({c['positions']} positions):", "",
+              "| statistic | value | gate |", "|---|---|---|",
+              f"| mean KL | {c['mean_kl']:.3g} ± {c['mean_kl_stderr']:.2g} | {_fmt(gates.get('corpus_mean_kl'))} |",
+              f"| KL p99 | {pct['p99']:.3g} | {_fmt(gates.get('corpus_kl_p99'))} |",
+              f"| KL max / p99.9 / p95 / p90 / median | {pct['max']:.3g} / {pct['p99.9']:.3g} / {pct['p95']:.3g} / "
+              f"{pct['p90']:.3g} / {pct['median']:.3g} | |",
+              f"| same top token | {c['same_top_pct']:.2f} ± {c['same_top_pct_stderr']:.2f} % | |",
+              f"| Δp of the reference's top token | mean {dp['mean']:.3g} %, RMS {dp['rms']:.3g} %, "
+              f"p1 {dp['p1']:.3g} %, p99 {dp['p99']:.3g} % | |",
+              f"| perplexity reference / artifact | {c['ppl_reference']:.4g} / {c['ppl_artifact']:.4g} "
+              f"(ratio {c['ppl_ratio']:.4f} ± {c['ln_ppl_ratio_stderr']:.2g} in ln) | |", ""]
+    if part["failures"]:
+        lines += [f"{len(part['failures'])} gate failure(s):", ""]
+        lines += [f"- {f['metric']} at {f['step']} = {_fmt(f['value'])} ({_bound(f)} {_fmt(f['threshold'])})"
+                  for f in part["failures"][:50]]
+        lines.append("")
+    lines += ["| step | positions | max_abs | mean_abs | cosine | top1 | kl |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {s['step']} | {s['positions']} | {_fmt(s['max_abs'])} | {_fmt(s['mean_abs'])} | "
+              f"{_fmt(s['cosine'])} | {_fmt(s['top1'])} | {_fmt(s['kl'])} |" for s in part["steps"]]
+    return lines + [""]
+
+
+def render(report: dict[str, Any]) -> str:
+    a, p, lat, fp = report["artifact"], report["parity"], report["latency"], report["fingerprint"]
+    lines = [f"# Validation report: {a['model']} -> {a['target']} ({a['precision']}, {a['device']})", "",
+             f"Measured on: {fp['cpu']} ({fp['logical_cores']} logical cores), {fp['os']}; "
+             f"threads {fp.get('threads')}; runtime {fp['runtime']}", ""]
+    if fp.get("device"):
+        lines += [f"Device: {fp['device']}", ""]
+    lines += [f"## Parity: **{p['status']}** (level `{p['level']}`)", ""]
+    if p["status"] != "not-run":
+        ref = p["reference"]
+        lines += [f"Reference: {ref['kind']}, {ref['dtype']}, weights from {ref['weights']}. Corpus: "
+                  f"{p['corpus_source']['text']} as {p['corpus_source']['ids']} ({p['corpus_source']['tokens']} tokens).",
+                  "", "![parity](parity.png)", ""]
+        lines += _section("fidelity", p["fidelity"]) + _section("quality", p["quality"])
+    lines += [f"## Latency: {lat['status']} (level `{lat['level']}`)", ""]
+    if lat["status"] == "measured":
+        lines += ["| prefill tokens | median ms | p90 ms |", "|---|---|---|"]
+        lines += [f"| {r['tokens']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} |" for r in lat["prefill"]]
+        lines += ["", "| decode at cache fill | median ms/token | p90 ms | tokens/s |", "|---|---|---|---|"]
+        lines += [f"| {r['fill']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['tokens_per_s']:.1f} |"
+                  for r in lat["decode"]]
+        lines += ["", f"Peak host RSS (process): {lat['peak_rss_mb']} MB; device memory: "
+                      f"{lat['device_memory_mb'] if lat['device_memory_mb'] is not None else 'n/a'}", "",
+                  "![latency](latency.png)", ""]
+    return "\n".join(lines)
