@@ -53,7 +53,9 @@ def metrics(section: dict[str, Any]) -> dict[str, Any]:
     corpus = section["corpus"]
     return {**{k: section["worst"][k] for k in ("kl", "max_abs", "mean_abs", "cosine")},
             "corpus_mean_kl": corpus["mean_kl"], "corpus_kl_p99": corpus["kl_percentiles"]["p99"],
-            "weights": (section.get("weights") or {}).get("status"), "status": section["status"]}
+            "weights": (section.get("weights") or {}).get("status"), "status": section["status"],
+            "top1": section["worst"]["top1"], "teacher_forced": section["generation"]["teacher_forced_match"],
+            "failed": sorted({f["metric"] for f in section["failures"]})}
 
 
 def measure(target: str, precision: str, checkpoint: Path | None, work: Path) -> dict[str, Any]:
@@ -159,7 +161,9 @@ def print_row(model: str, target: str, precision: str, result: dict[str, Any]) -
         quality = result[name].get("quality") if isinstance(result[name], dict) else None
         if quality:
             print(f"  quality {name:9s} {quality['status']}: kl {quality['kl']:.3g}, cosine {quality['cosine']:.3g}, "
-                  f"corpus mean KL {quality['corpus_mean_kl']:.3g}, p99 {quality['corpus_kl_p99']:.3g}")
+                  f"top1 {quality['top1']:.3g}, teacher-forced {quality['teacher_forced']:.3g}, corpus mean KL "
+                  f"{quality['corpus_mean_kl']:.3g}, p99 {quality['corpus_kl_p99']:.3g}"
+                  + (f"; fails {', '.join(quality['failed'])}" if quality["failed"] else ""))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])  # SIGINT: the next test
 def test_termination_signals_during_lowering_leave_nothing(eight_layers: Path, tmp_path: Path, sig: int) -> None:
     out = tmp_path / "art"
     proc = start(build_args(eight_layers, out), tmp_path / "cache")
@@ -73,7 +73,7 @@ def test_termination_signals_during_lowering_leave_nothing(eight_layers: Path, t
     assert not out.exists() and not staging_of(out)
 
 
-@pytest.mark.parametrize("delay", [0.2, 1.0, 2.5])
+@pytest.mark.parametrize("delay", [0.3, 4.0])  # in the imports; in tracing or lowering
 def test_ctrl_c_at_any_moment_prints_one_line(eight_layers: Path, tmp_path: Path, delay: float) -> None:
     """Start-up imports (torch takes seconds), tracing and lowering: one line, never a traceback."""
     out = tmp_path / "art"
@@ -88,12 +88,14 @@ def test_ctrl_c_at_any_moment_prints_one_line(eight_layers: Path, tmp_path: Path
 
 def test_concurrent_build_to_the_same_out_fails_clearly(eight_layers: Path, tmp_path: Path) -> None:
     out = tmp_path / "art"
-    first = start(build_args(eight_layers, out), tmp_path / "cache")
+    # With validation, so the first holds the lock for many seconds after the second starts.
+    first = start(build_args(eight_layers, out)[:-1], tmp_path / "cache")
     assert wait_for(lambda: (tmp_path / ".art.lock").exists(), first)
-    second = start(build_args(eight_layers, out), tmp_path / "cache")
+    second = start(["build", "--target", "reference", "--out", str(out), "--no-validate"], tmp_path / "cache")
     code, stderr = finish(second)
     assert code == 2 and f"being written by another mistral-export process (pid {first.pid})" in stderr
-    assert finish(first)[0] == 0 and out.is_dir() and not staging_of(out)
+    first.send_signal(signal.SIGTERM)  # the first writer is untouched by the refusal, and cleans up after itself
+    assert finish(first)[0] == 143 and not out.exists() and not staging_of(out)
 
 
 def test_sigkill_leftovers_are_swept_by_the_next_build(eight_layers: Path, tmp_path: Path) -> None:
@@ -104,7 +106,8 @@ def test_sigkill_leftovers_are_swept_by_the_next_build(eight_layers: Path, tmp_p
     proc.wait()
     stale = [p for p in staging_of(out) if ".partial-" in p.name]
     assert stale, "SIGKILL cannot be caught: its staging folder stays until the next build"
-    code, _ = finish(start(build_args(eight_layers, out), tmp_path / "cache"))
+    # Any build to the same path sweeps them (the tiny preset's, here, to be quick).
+    code, _ = finish(start(["build", "--target", "reference", "--out", str(out), "--no-validate"], tmp_path / "cache"))
     assert code == 0 and out.is_dir() and not any(p.exists() for p in stale) and not staging_of(out)
 
 
@@ -123,15 +126,15 @@ def test_no_network_and_no_telemetry(tmp_path: Path, target: str) -> None:
     converter looked up an analytics host; ONNX Runtime started a telemetry client under ~/.cache)."""
     if target == "openvino":
         pytest.importorskip("openvino", reason="openvino is not installed")
-    trace = tmp_path / "syscalls.txt"
     # OpenVINO's look-ups came from its converter (the build); ONNX Runtime's client starts with a session
-    # (validation runs one).
-    extra = ["--no-validate"] if target == "openvino" else []
-    proc = start(["build", "--target", target, "--out", str(tmp_path / "art"), *extra], tmp_path / "cache",
-                 wrap=[*_strace(), "-o", str(trace)])
-    code, _ = finish(proc)
-    assert code == 0
-    calls = trace.read_text().splitlines()
+    # (generate runs one). Both commands are traced.
+    calls = []
+    for i, command in enumerate((["build", "--target", target, "--out", str(tmp_path / "art"), "--no-validate"],
+                                 ["generate", str(tmp_path / "art"), "--prompt-ids", "1,2,3"])):
+        log = tmp_path / f"syscalls-{i}.txt"
+        code, _ = finish(start(command, tmp_path / "cache", wrap=[*_strace(), "-o", str(log)]))
+        assert code == 0
+        calls += log.read_text().splitlines()
     # A name look-up reads resolv.conf or hosts (nscd's socket also serves passwd look-ups: not network).
     network = [c for c in calls if "AF_INET" in c or "/etc/resolv.conf" in c or "/etc/hosts" in c]
     telemetry = [c for c in calls if "DeveloperTools" in c or "/intel/openvino_telemetry" in c]

@@ -49,6 +49,16 @@ def readback(artifact: Path, manifest: dict[str, Any], source: WeightSource) -> 
     configs = compress.tensor_configs(cfg, target["precision"], options)
     model = ov.Core().read_model(artifact / target.get("model_file", "openvino_model.xml"))
     by_name = {n: out for op in model.get_ops() for out in op.outputs() for n in out.get_names()}
+    # NNCF's whole-model pass (int4 ratio < 1) keeps friendly names only: `<name>/fq_weights_1/convert`
+    # ends a compressed weight, a float Constant named `<name>` is one kept float.
+    ops = model.get_ops()
+    for op in ops:
+        friendly = op.get_friendly_name()
+        if friendly.endswith("/convert") and "/fq_weights" in friendly:
+            by_name.setdefault(friendly.split("/fq_weights")[0], op.output(0))
+    for op in ops:
+        if op.get_type_name() == "Constant" and op.get_output_element_type(0).is_real():
+            by_name.setdefault(op.get_friendly_name(), op.output(0))
     core = ov.Core()
     weights: dict[str, torch.Tensor] = {}
     mismatches: list[str] = []

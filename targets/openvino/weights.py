@@ -57,7 +57,9 @@ def bind(model: object, lookup: Callable[[str], torch.Tensor], progress: Progres
         config = configs(name) if configs else None
         if config is None:
             tensor = lookup(name)
-            out = to_constant(tensor).output(0)
+            const = to_constant(tensor)
+            const.set_friendly_name(name)  # NNCF's whole-model pass names what it compresses after this
+            out = const.output(0)
             del tensor
         else:
             out = compressed((rows or lookup)(name), config, name, param.get_output_element_type(0))
