@@ -68,12 +68,15 @@ def check_parity(artifact: Path, manifest: dict[str, Any], runner: Runner, token
         return f"{name}+bf16-reference", loosest(gates_for(name), gates_for("bf16"))
 
     readback = target.readback(artifact, manifest, source) if quantized else None
-    float_weights = lambda name: source.parameter(name, dtype)  # noqa: E731
-    if readback is not None:
-        bound = {n: w.to(dtype) for n, w in readback.weights.items()}
-        fidelity_weights = lambda name: bound[name] if name in bound else float_weights(name)  # noqa: E731
-    references: dict[str, Runner] = {"fidelity": EagerRunner(cfg, capacity, fidelity_weights if readback else
-                                                             float_weights, dtype)}
+    read = {n: w.to(dtype) for n, w in (readback.weights if readback else {}).items()}
+
+    def float_weights(name: str) -> torch.Tensor:
+        return source.parameter(name, dtype)
+
+    def artifact_weights(name: str) -> torch.Tensor:
+        return read[name] if name in read else float_weights(name)
+
+    references: dict[str, Runner] = {"fidelity": EagerRunner(cfg, capacity, artifact_weights, dtype)}
     if readback is not None:
         references["quality"] = EagerRunner(cfg, capacity, float_weights, dtype)
     case = default_case(runner.capacity, runner.window, cfg.vocab_size, tokenizer, req.new_tokens)

@@ -3,7 +3,7 @@ palettization) materialised by coremltools' own decompression, fp16 consts as st
 exactly with the source weight (as fp16, what coremltools compresses) encoded again by the same
 coremltools routine the compression pass calls, with the block sizes the recorded settings imply.
 
-MIL consts keep the torch parameter names: `p_canonical_<name with _ for .>_to_fp16[_quantized]`.
+MIL consts keep the torch parameter names: `p_canonical_<name with _ for .>_to_fp16[_quantized|_palettized]`.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def readback(artifact: Path, manifest: dict[str, Any], source: WeightSource) -> 
         key = mil_name(name)
         # What coremltools compresses: the fp32 source cast to fp16 (its FP16ComputePrecision pass).
         value = source.parameter(name, torch.float32).numpy().astype(np.float16)
-        op = ops.get(key + "_quantized") or ops.get(key)
+        op = ops.get(key + "_quantized") or ops.get(key + "_palettized") or ops.get(key)
         if op is None:
             mismatches.append(f"{name}: not found in the MIL program")
             continue
