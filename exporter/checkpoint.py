@@ -89,6 +89,9 @@ class WeightSource:
 
     name: str
     config: MistralConfig
+    format = "preset"
+    folder: Path | None = None  # where the files are, for sources read from disk
+    hub_id: str | None = None  # the hub id it was resolved from in the local cache, if any
     tokenizer_dir: Path | None = None
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -172,17 +175,36 @@ class PresetWeights(WeightSource):
 class CheckpointFolder(WeightSource):
     """A local Hugging Face folder: config.json, model.safetensors or a sharded index, tokenizer files."""
 
+    format = "hf-safetensors"
+    folder: Path
+    # Files beside the weights that are part of the checkpoint's identity (hashed into the manifest).
+    described_by: tuple[str, ...] = ("config.json", INDEX)
+
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CheckpointError(f"checkpoint folder {self.folder} does not exist")
         self.name = self.folder.resolve().name
-        self.config = load_config(self.folder)
+        self.config = self._config()
         self._where = self._index()
         self._check_keys()
         has_tokenizer = any((self.folder / f).is_file() for f in TOKENIZER_FILES[:2])
         self.tokenizer_dir = self.folder if has_tokenizer else None
         self._records: list[FileRecord] | None = None
+
+    def _config(self) -> MistralConfig:
+        return load_config(self.folder)
+
+    def _canonical(self, stored: str) -> str:
+        """The canonical parameter name of a stored tensor name (HF folders store them as they are)."""
+        return stored
+
+    def _stored(self, name: str) -> str:
+        return name
+
+    def _convert(self, name: str, stored: torch.Tensor) -> torch.Tensor:
+        """A stored tensor in the canonical layout (HF folders already are)."""
+        return stored
 
     def _index(self) -> dict[str, Path]:
         """Tensor name -> shard file, from the sharded index or the single file."""
@@ -192,7 +214,7 @@ class CheckpointFolder(WeightSource):
             return self._sharded(index)
         if single.is_file():
             with open_safetensors(single) as fh:
-                return {name: single for name in fh.keys()}
+                return {self._canonical(name): single for name in fh.keys()}
         raise CheckpointError(f"no model.safetensors or {INDEX} in {self.folder}; "
                               "only safetensors checkpoints are read (convert .bin files with safetensors first)")
 
@@ -237,8 +259,8 @@ class CheckpointFolder(WeightSource):
         dtypes: dict[str, str] = {}
         for shard in sorted(set(self._where.values())):
             with open_safetensors(shard) as fh:
-                for name in fh.keys():
-                    part = fh.get_slice(name)
+                for stored in fh.keys():
+                    part, name = fh.get_slice(stored), self._canonical(stored)
                     found[name] = tuple(part.get_shape())
                     dtypes[name] = part.get_dtype()
         if self.config.tie_word_embeddings and "lm_head.weight" in found and not self._tie_holds():
@@ -275,26 +297,18 @@ class CheckpointFolder(WeightSource):
 
     def tensor(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
         with open_safetensors(self._where[name]) as fh:
-            stored = finite(name, fh.get_tensor(name), self._where[name])
+            stored = finite(name, fh.get_tensor(self._stored(name)), self._where[name])
+        stored = self._convert(name, stored)
         return stored if dtype is None else stored.to(dtype)
 
     def row_block(self, name: str, start: int, stop: int) -> torch.Tensor:
         with open_safetensors(self._where[name]) as fh:
-            return finite(name, fh.get_slice(name)[start:stop], self._where[name])
+            return finite(name, fh.get_slice(self._stored(name))[start:stop], self._where[name])
 
     def file_records(self) -> list[FileRecord]:
         if self._records is None:
             files = sorted({p for p in self._where.values()}
-                           | {p for p in self.folder.iterdir() if p.name == "config.json"
-                              or p.name == INDEX or p.name in TOKENIZER_FILES})
+                           | {p for p in self.folder.iterdir() if p.name in self.described_by
+                              or p.name in TOKENIZER_FILES})
             self._records = [FileRecord(p.name, p.stat().st_size, sha256_file(p)) for p in files]
         return self._records
-
-
-def open_source(checkpoint: Path | None, preset_name: str | None) -> WeightSource:
-    """The weight source the user named: a folder wins over a preset; the default is the tiny preset."""
-    if checkpoint is not None and preset_name is not None:
-        raise CheckpointError("give either --checkpoint or --preset, not both")
-    if checkpoint is not None:
-        return CheckpointFolder(checkpoint)
-    return PresetWeights(preset_name or "tiny")

@@ -16,6 +16,9 @@ import sys
 def disable_telemetry() -> None:
     """Call before openvino, nncf or onnxruntime is imported (the CLI does it first thing)."""
     os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+    # huggingface_hub (hub ids, transformers' tokenizers): the local cache only, no telemetry.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
     if "openvino_telemetry" not in sys.modules:
         sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # import now raises ImportError
     ort = sys.modules.get("onnxruntime")

@@ -95,7 +95,7 @@ def parse_kv(items: list[str]) -> dict[str, str]:
 @guarded
 def build_cmd(
     target: Annotated[str, typer.Option(help="Target to lower to (see `mistral-export targets`); several as a,b,c or all-available: one trace, one artifact each under --out.")],
-    checkpoint: Annotated[Path | None, typer.Option(help="Local Hugging Face folder (config.json, *.safetensors).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="A Hugging Face folder (config.json, *.safetensors), a Mistral download folder (params.json, consolidated.safetensors), or a hub id (owner/name[@revision]) already in the local Hugging Face cache; nothing is downloaded.")] = None,
     preset: Annotated[str | None, typer.Option(help="Built-in preset: tiny (default), mistral-7b-v0.1, mistral-7b-v0.3.")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32, fp16, bf16, or a target's quantized precision (int8, int4) [default: the target's first, see `targets`].")] = None,
     device: Annotated[str | None, typer.Option(help="Device the artifact is built and validated for [default: the target's first, see `targets`].")] = None,

@@ -13,7 +13,8 @@ from typing import Any
 from exporter import offline
 from exporter.artifact import check_out, staged
 from exporter.trace_cache import caching
-from exporter.checkpoint import DTYPES, TOKENIZER_FILES, CheckpointFolder, WeightSource, open_source
+from exporter.checkpoint import DTYPES, TOKENIZER_FILES, WeightSource
+from exporter.sources import open_source
 from exporter.config import MistralConfig
 from exporter.contract import io_to_dict
 from exporter.errors import TargetUnavailable, UserError
@@ -109,7 +110,7 @@ def _build(req: BuildRequest, progress: Progress, validator: Validator | None, s
     source = source or open_source(req.checkpoint, req.preset)
     capacity = capacity_for(source.config, req.max_context)
     out = req.out or ARTIFACTS_ROOT / default_name(source, target.name, req.precision)
-    protect = [source.folder] if isinstance(source, CheckpointFolder) else []
+    protect = [source.folder] if source.folder is not None else []
     check_out(out, req.force, protect)  # before any work; staged() checks again under the lock
     progress("tracing", 0.0)
     spec = TraceSpec(source.config, capacity, DTYPES[getattr(target, "trace_dtype", trace_dtype)(req.precision)])
@@ -124,7 +125,8 @@ def _build(req: BuildRequest, progress: Progress, validator: Validator | None, s
         has_tokenizer = copy_tokenizer(source, stage)
         manifest = {
             "model": {"name": source.name, "source": source.fingerprint(), "config": source.config.to_dict(),
-                      "path": str(source.folder.resolve()) if isinstance(source, CheckpointFolder) else None,
+                      "path": str(source.folder.resolve()) if source.folder is not None else None,
+                      "format": source.format, "hub_id": source.hub_id,
                       "checkpoint_files": [r.to_dict() for r in source.file_records()],
                       "tokenizer": "tokenizer" if has_tokenizer else None},
             "tool": tool_versions(getattr(target, "runtime_packages", ())),

@@ -12,7 +12,7 @@ from typing import Any
 from exporter.artifact import write_new
 from exporter.manifest import dumps
 from pipeline.build import ARTIFACTS_ROOT, BuildRequest, Validator, build, default_name
-from exporter.checkpoint import open_source
+from exporter.sources import open_source
 from exporter.errors import UserError
 from exporter.trace import TracedProgram
 from targets import registry

@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from exporter.config import config_from_dict
 from exporter.trace import TraceSpec, bind, trace
+from targets.generate import pad_batch, prefill
 from targets.reference import ProgramRunner
 
 TINY_HF: dict[str, Any] = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -85,6 +87,51 @@ def cli_run(*args: str) -> Any:
     return result
 
 
+def one_line_error(result: Any, needle: str) -> None:
+    """Exit 2 and exactly one plain line, `error: ...`, that contains needle; no traceback."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert "Traceback" not in result.output
+
+
 def cli_build(target: str, out: Path, *args: str) -> Any:
     """`mistral-export build --target target --out out ...` through the CLI, its output printed for the log."""
     return cli_run("build", "--target", target, "--out", str(out), *args)
+
+
+TOL = 1e-4  # fp32 logits of the canonical graph against transformers
+
+
+def random_ids(n: int, vocab: int, seed: int) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def prefill_then_decode(runner: Any, prompts: list[list[int]], prefix: list[int]) -> np.ndarray:
+    """Prefill prefix[b] tokens of each row (chunked), then feed the rest one token at a time."""
+    first = prefill(runner, [p[:n] for p, n in zip(prompts, prefix)])
+    steps = [first]
+    for i in range(max(len(p) - n for p, n in zip(prompts, prefix))):
+        rows = [p[n + i:n + i + 1] or [0] for p, n in zip(prompts, prefix)]
+        ids, pos = pad_batch(rows, [n + i for n in prefix])
+        pos[[b for b, (p, n) in enumerate(zip(prompts, prefix)) if n + i >= len(p)]] = -1
+        steps.append(runner.step(ids, pos))
+    # Reassemble each row's logits in position order.
+    width = max(len(p) for p in prompts)
+    out = np.zeros((len(prompts), width, steps[0].shape[-1]), dtype=np.float32)
+    for b, (p, n) in enumerate(zip(prompts, prefix)):
+        out[b, :n] = first[b, :n]
+        for i in range(len(p) - n):
+            out[b, n + i] = steps[1 + i][b, 0]
+    return out
+
+
+def check_against_transformers(model: Any, runner: Any, prompts: list[list[int]], prefix: list[int], label: str) -> float:
+    ours = prefill_then_decode(runner, prompts, prefix)
+    worst = 0.0
+    for b, p in enumerate(prompts):
+        ref = hf_logits(model, p).numpy()
+        worst = max(worst, float(np.abs(ours[b, :len(p)] - ref).max()))
+    print(f"{label}: max abs logit error vs transformers = {worst:.3e}")
+    assert worst <= TOL
+    return worst

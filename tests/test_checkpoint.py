@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from exporter.checkpoint import CheckpointFolder, PresetWeights, open_source
+from exporter.checkpoint import CheckpointFolder, PresetWeights
+from exporter.sources import open_source
 from exporter.errors import CheckpointError, ConfigError
 from tests.conftest import hf_model, save_checkpoint, save_tokenizer
 

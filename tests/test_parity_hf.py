@@ -6,45 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from targets.generate import pad_batch, prefill
-from tests.conftest import canonical_runner, hf_logits, hf_model
-
-TOL = 1e-4
-
-
-def _ids(n: int, vocab: int, seed: int) -> list[int]:
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _prefill_then_decode(runner, prompts: list[list[int]], prefix: list[int]) -> np.ndarray:
-    """Prefill prefix[b] tokens of each row (chunked), then feed the rest one token at a time."""
-    first = prefill(runner, [p[:n] for p, n in zip(prompts, prefix)])
-    steps = [first]
-    for i in range(max(len(p) - n for p, n in zip(prompts, prefix))):
-        rows = [p[n + i:n + i + 1] or [0] for p, n in zip(prompts, prefix)]
-        ids, pos = pad_batch(rows, [n + i for n in prefix])
-        pos[[b for b, (p, n) in enumerate(zip(prompts, prefix)) if n + i >= len(p)]] = -1
-        steps.append(runner.step(ids, pos))
-    # Reassemble each row's logits in position order.
-    width = max(len(p) for p in prompts)
-    out = np.zeros((len(prompts), width, steps[0].shape[-1]), dtype=np.float32)
-    for b, (p, n) in enumerate(zip(prompts, prefix)):
-        out[b, :n] = first[b, :n]
-        for i in range(len(p) - n):
-            out[b, n + i] = steps[1 + i][b, 0]
-    return out
-
-
-def _check(model, runner, prompts: list[list[int]], prefix: list[int], label: str) -> float:
-    ours = _prefill_then_decode(runner, prompts, prefix)
-    worst = 0.0
-    for b, p in enumerate(prompts):
-        ref = hf_logits(model, p).numpy()
-        worst = max(worst, float(np.abs(ours[b, :len(p)] - ref).max()))
-    print(f"{label}: max abs logit error vs transformers = {worst:.3e}")
-    assert worst <= TOL
-    return worst
-
+from targets.generate import prefill
+from tests.conftest import TOL, canonical_runner, hf_logits, hf_model
+from tests.conftest import check_against_transformers as _check
+from tests.conftest import random_ids as _ids
 
 def test_prefill_and_decode_past_window() -> None:
     model = hf_model(sliding_window=4)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from exporter import staging
-from tests.conftest import cli_run as run, hf_model, save_checkpoint
+from tests.conftest import cli_run as run, hf_model, one_line_error, save_checkpoint
 
 
 
@@ -19,13 +19,6 @@ from tests.conftest import cli_run as run, hf_model, save_checkpoint
 
 def build_ref(out: Path, *extra: str) -> object:
     return run("build", "--target", "reference", "--out", str(out), "--no-validate", *extra)
-
-
-def one_line_error(result: object, needle: str) -> None:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
-    assert "Traceback" not in result.output
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -16,7 +16,8 @@ import torch
 import numpy as np
 from torch import nn
 
-from exporter.checkpoint import CheckpointFolder, PresetWeights, WeightSource, expected_shapes
+from exporter.checkpoint import PresetWeights, WeightSource, expected_shapes
+from exporter.sources import open_folder
 from exporter.config import MistralConfig
 from exporter.errors import UserError
 from exporter.model import MistralModel, empty_caches
@@ -33,7 +34,7 @@ def source_from_manifest(manifest: dict[str, Any], checkpoint: Path | None = Non
     if folder is None or not folder.is_dir():
         raise UserError(f"the reference weights for this artifact are not here (built from {model.get('path')}); "
                         "pass --reference-checkpoint DIR with the original checkpoint")
-    source = CheckpointFolder(folder)
+    source = open_folder(folder)
     if source.fingerprint() != origin:
         raise UserError(f"checkpoint {folder} differs from the one this artifact was built from (file hashes "
                         "differ); pass the original with --reference-checkpoint")
