@@ -92,8 +92,12 @@ def replacing(out: Path) -> Iterator[Path]:
     with signals.deferred() as pending:
         if pending():  # a signal came at the last moment: leave out as it was
             staging.discard(stage)
-        else:
+            return
+        try:
             staging.publish(stage, out)
+        except BaseException:  # the swap itself failed (disk full, EXDEV...): out is as it was
+            staging.discard(stage)
+            raise
 
 
 @contextmanager

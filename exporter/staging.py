@@ -112,7 +112,11 @@ def publish(stage: Path, out: Path) -> None:
         return
     old = new_stage(out, "old")
     os.replace(out, old)  # POSIX: a folder replaces an empty one; sweep_stale restores it after a crash
-    os.rename(stage, out)
+    try:
+        os.rename(stage, out)
+    except BaseException:
+        os.rename(old, out)  # put the old folder back before the caller discards the stage
+        raise
     discard(old)
 
 

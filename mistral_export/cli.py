@@ -7,6 +7,7 @@ Set MISTRAL_EXPORT_DEBUG=1 to see the full traceback of any error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -40,6 +41,10 @@ err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Disk full, quota, read-only file system: conditions of the machine that the user fixes.
+_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
 def guarded(fn: F) -> F:
     """Map domain errors to one line and an exit code; tracebacks only with MISTRAL_EXPORT_DEBUG."""
 
@@ -61,6 +66,12 @@ def guarded(fn: F) -> F:
         except Exception as exc:  # noqa: BLE001 - the boundary: anything else is our bug
             if os.environ.get("MISTRAL_EXPORT_DEBUG"):
                 raise
+            if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+                # The machine, not the input or our code: every write is staged, so what was there is intact.
+                where = f" ({exc.filename})" if exc.filename else ""
+                typer.echo(f"error: {exc.strerror or exc}{where}; free space (or make it writable) and run "
+                           "again; nothing was left half-written", err=True)
+                raise typer.Exit(2) from None
             typer.echo(f"internal error: {type(exc).__name__}: {exc}\n"
                        "Set MISTRAL_EXPORT_DEBUG=1 for the full traceback and report it.", err=True)
             raise typer.Exit(1) from None

@@ -4,8 +4,10 @@ writers are locked out, validate is atomic, and nothing half-written is ever lef
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -122,28 +124,60 @@ def test_sweep_removes_only_dead_processes_staging(tmp_path: Path) -> None:
     assert not dead.exists() and alive.exists() and foreign.exists() and other_name.exists()
 
 
-def test_failed_or_interrupted_validate_keeps_the_old_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from validation import report
-
-    out = tmp_path / "art"
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("validated") / "art"
     assert run("build", "--target", "reference", "--out", str(out)).exit_code == 0
-    before = snapshot(out)
-    real = report.write_all
+    return out
 
-    for exc in (OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()):
-        def half_then_fail(folder: Path, rep: dict, exc: BaseException = exc) -> None:
-            (folder / "report.json").write_text("{half")
-            raise exc
 
-        monkeypatch.setattr(report, "write_all", half_then_fail)
-        result = run("validate", str(out), "--no-latency")
-        assert result.exit_code in (1, 130) and "Traceback" not in result.output
-        assert snapshot(out) == before and not leftovers(tmp_path)
-        assert run("inspect", str(out)).exit_code == 0
-    monkeypatch.setattr(report, "write_all", real)
-    assert run("validate", str(out), "--no-latency").exit_code == 0
-    assert run("inspect", str(out)).exit_code == 0 and not leftovers(tmp_path)
-    assert json.loads((out / "report.json").read_text())["latency"]["status"] == "not-run"
+def _half_written_reports(exc: BaseException) -> Callable[..., None]:
+    def fail(folder: Path, rep: dict) -> None:
+        (folder / "report.json").write_text("{half")
+        raise exc
+    return fail
+
+
+def _raise(exc: BaseException) -> Callable[..., None]:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise exc
+    return fail
+
+
+DISK_FULL = OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("command", ["validate", "bench"])
+@pytest.mark.parametrize("where,exc,code,needle", [
+    ("validation.report.write_all", DISK_FULL, 2, "No space left on device; free space"),
+    ("validation.report.write_all", KeyboardInterrupt(), 130, "interrupted"),
+    ("exporter.artifact.write_manifest", DISK_FULL, 2, "No space left on device; free space"),
+    ("exporter.staging.publish", DISK_FULL, 2, "No space left on device; free space"),
+    ("exporter.staging.publish", KeyboardInterrupt(), 130, "interrupted"),
+], ids=["reports-full", "reports-ctrl-c", "manifest-full", "swap-full", "swap-ctrl-c"])
+def test_failed_or_interrupted_validate_and_bench_keep_the_old_reports(
+        validated: Path, monkeypatch: pytest.MonkeyPatch, command: str, where: str, exc: BaseException,
+        code: int, needle: str) -> None:
+    """A disk-full or Ctrl-C while the reports, the manifest or the final swap are written: the
+    artifact is byte for byte what it was, passes its integrity check, and nothing is left beside it."""
+    module, _, name = where.rpartition(".")
+    before = snapshot(validated)
+    fail = _half_written_reports(exc) if name == "write_all" else _raise(exc)
+    monkeypatch.setattr(importlib.import_module(module), name, fail)
+    result = run(command, str(validated), *(["--no-latency"] if command == "validate" else []))
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == code and needle in lines[-1] and "Traceback" not in result.output, result.output
+    after = snapshot(validated)
+    assert sorted(after) == sorted(before) and [k for k in before if after[k] != before[k]] == []
+    assert not leftovers(validated.parent)
+    monkeypatch.undo()
+    assert run("inspect", str(validated)).exit_code == 0
+
+
+def test_validate_after_a_failure_writes_new_reports(validated: Path) -> None:
+    assert run("validate", str(validated), "--no-latency").exit_code == 0
+    assert run("inspect", str(validated)).exit_code == 0 and not leftovers(validated.parent)
+    assert json.loads((validated / "report.json").read_text())["latency"]["status"] == "not-run"
 
 
 def test_report_symlinks_are_refused_and_outside_files_untouched(tmp_path: Path) -> None:
