@@ -131,6 +131,12 @@ def build_from(folder: Path, tmp_path: Path, *extra: str) -> Any:
                "--no-validate", *extra)
 
 
+def refused_build(folder: Path, tmp_path: Path, needle: str) -> None:
+    """Refused with one line, and nothing at --out or beside it (no staging folder, no lock)."""
+    refused(build_from(folder, tmp_path), needle)
+    assert not [p.name for p in tmp_path.iterdir() if p.name == "out" or p.name.startswith(".out")]
+
+
 @pytest.mark.parametrize("damage,needle", [("truncated-header", "header too small"),
                                            ("huge-header", "header too large"),
                                            ("past-the-end", "not fully covered")])
@@ -174,7 +180,7 @@ def test_broken_index_is_refused(sharded: Path, tmp_path: Path, damage: str, nee
             if shard == shards[0]:
                 index["weight_map"][name] = "../x.safetensors" if damage == "dotdot" else str(outside)
     index_path.write_text("{oops" if damage == "not-json" else json.dumps(index))
-    refused(build_from(sharded, tmp_path), needle)
+    refused_build(sharded, tmp_path, needle)
 
 
 @pytest.mark.parametrize("patch,needle", [
@@ -192,14 +198,14 @@ def test_broken_index_is_refused(sharded: Path, tmp_path: Path, damage: str, nee
 ])
 def test_config_fields_of_the_wrong_type(tmp_path: Path, patch: dict, needle: str) -> None:
     folder = write_config(tmp_path / "c", {**TINY_HF, "model_type": "mistral", **patch})
-    refused(build_from(folder, tmp_path), needle)
+    refused_build(folder, tmp_path, needle)
 
 
 def test_config_that_is_not_an_object(tmp_path: Path) -> None:
     folder = tmp_path / "c"
     folder.mkdir()
     (folder / "config.json").write_text("[1, 2, 3]")
-    refused(build_from(folder, tmp_path), "must hold a JSON object")
+    refused_build(folder, tmp_path, "must hold a JSON object")
 
 
 def test_strict_boolean_options_and_plain_text_errors(tmp_path: Path) -> None:

@@ -126,11 +126,13 @@ def test_no_network_and_no_telemetry(tmp_path: Path, target: str) -> None:
     converter looked up an analytics host; ONNX Runtime started a telemetry client under ~/.cache)."""
     if target == "openvino":
         pytest.importorskip("openvino", reason="openvino is not installed")
-    # OpenVINO's look-ups came from its converter (the build); ONNX Runtime's client starts with a session
-    # (generate runs one). Both commands are traced.
+    # OpenVINO's look-ups came from its converter (the build); ONNX Runtime's client starts with a session.
+    # build (with its validation: the runtime's sessions), generate and inspect are traced; bench runs the same
+    # runner through the same entry point (exporter.offline runs first in every command).
     calls = []
-    for i, command in enumerate((["build", "--target", target, "--out", str(tmp_path / "art"), "--no-validate"],
-                                 ["generate", str(tmp_path / "art"), "--prompt-ids", "1,2,3"])):
+    art = str(tmp_path / "art")
+    for i, command in enumerate((["build", "--target", target, "--out", art],
+                                 ["generate", art, "--prompt-ids", "1,2,3"], ["inspect", art])):
         log = tmp_path / f"syscalls-{i}.txt"
         code, _ = finish(start(command, tmp_path / "cache", wrap=[*_strace(), "-o", str(log)]))
         assert code == 0
