@@ -119,9 +119,10 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write every measurement here")
     parser.add_argument("--margins-from", type=Path, nargs="*", default=None,
                         help="print the margins of saved measurements (--json files) under today's gates")
+    parser.add_argument("--markdown", action="store_true", help="with --margins-from: the README's table")
     args = parser.parse_args()
     if args.margins_from:
-        return print_saved(args.margins_from)
+        return print_saved(args.margins_from, args.markdown)
     os.environ.setdefault("MISTRAL_EXPORT_CACHE", tempfile.mkdtemp(prefix="calibration-cache-"))
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,15 +150,44 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def print_saved(paths: list[Path]) -> int:
+def print_saved(paths: list[Path], markdown: bool = False) -> int:
     report = {k: v for path in paths for k, v in json.loads(path.read_text()).items()}
     for key, result in report.items():
         result["margins"] = margins(result)
-        print_row(*key.split("/"), result)
+        if not markdown:
+            print_row(*key.split("/"), result)
+    if markdown:
+        print_table(report)
     failed = [k for k, v in report.items() if not v["margins"]["separated_3x"]]
     print(f"\n{len(report) - len(failed)}/{len(report)} rows separate every planted defect by >= 3x"
           + (f"; not: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """One markdown row per (model, target, precision): clean fidelity against its gate, the window
+    defect against the same gate, the exact weight check on the two weight defects, clean quality."""
+    print("| model | target | precision | fidelity row | clean kl / gate | window kl | window / gate (best metric) "
+          "| clean corpus mean KL | window corpus mean KL | kv heads, scale (exact check) | quality (clean) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for key, r in report.items():
+        model, target, precision = key.split("/")
+        m, clean = r["margins"], r["clean"]["fidelity"]
+        kl = m["metrics"].get("kl", {})
+        if "refused" in r["window"]:
+            window_kl, over, window_corpus = "refused at load", "n/a", "n/a"
+        else:
+            w = r["window"]["fidelity"]
+            window_kl, window_corpus = f"{w['kl']:.2g}", f"{w['corpus_mean_kl']:.2g}"
+            best = max(m["metrics"].items(), key=lambda kv: kv[1]["defect_over_gate"])
+            over = f"{best[1]['defect_over_gate']:.1f}x ({best[0]})"
+        weights = ", ".join(m["weight_defects"].values()) or "not planted (float)"
+        quality = r["clean"].get("quality")
+        q = (f"{quality['status']}: kl {quality['kl']:.2g}, corpus {quality['corpus_mean_kl']:.2g}"
+             if quality else "same as fidelity")
+        kl_cell = f"{clean['kl']:.2g} / {kl['gate']:.2g}" if kl else f"{clean['kl']:.2g} / –"
+        print(f"| {model} | {target} | {precision} | {r['clean']['fidelity_gates']} | {kl_cell} | {window_kl} | "
+              f"{over} | {clean['corpus_mean_kl']:.2g} | {window_corpus} | {weights} | {q} |")
 
 
 def print_row(model: str, target: str, precision: str, result: dict[str, Any]) -> None:
