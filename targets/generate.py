@@ -73,14 +73,18 @@ def check_context(runner: Runner, total: int) -> None:
 
 
 def greedy_generate(runner: Runner, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    eos_token_id: int | None = None) -> list[list[int]]:
-    """Greedy decoding; returns only the new tokens of each row (stopping a row at EOS)."""
+                    eos_token_id: int | None = None, logits: list[np.ndarray] | None = None) -> list[list[int]]:
+    """Greedy decoding; returns only the new tokens of each row (stopping a row at EOS). `logits`, if
+    given, receives each step's [batch, vocab] logits, those the new token i was chosen from."""
     lengths = [len(p) for p in prompts]
     check_context(runner, max(lengths) + max_new_tokens - 1)
-    nxt = prefill_last(runner, prompts).argmax(-1)
+    last = prefill_last(runner, prompts)
+    nxt = last.argmax(-1)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for i in range(max_new_tokens):
+        if logits is not None:
+            logits.append(last)
         for b, token in enumerate(nxt):
             if not done[b]:
                 out[b].append(int(token))
@@ -89,5 +93,6 @@ def greedy_generate(runner: Runner, prompts: Sequence[Sequence[int]], max_new_to
             break
         ids = nxt.reshape(-1, 1).astype(np.int64)
         pos = np.array([[n + i] for n in lengths], dtype=np.int64)
-        nxt = runner.step(ids, pos)[:, 0].argmax(-1)
+        last = runner.step(ids, pos)[:, 0]
+        nxt = last.argmax(-1)
     return out

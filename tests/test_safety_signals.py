@@ -31,7 +31,15 @@ def start(args: list[str], cache: Path, wrap: list[str] | None = None) -> subpro
     env = {**os.environ, "MISTRAL_EXPORT_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
     env.pop("MISTRAL_EXPORT_DEBUG", None)
     return subprocess.Popen([*(wrap or []), sys.executable, "-m", "mistral_export.entry", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_as_from_a_terminal)
+
+
+def _as_from_a_terminal() -> None:
+    """Ctrl-C's default disposition, as a terminal's foreground job has it. A test run started in the
+    background of a non-interactive shell inherits SIGINT ignored (POSIX), and so would the command,
+    which then rightly keeps it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def build_args(checkpoint: Path, out: Path, *extra: str) -> list[str]:
