@@ -215,6 +215,10 @@ class CheckpointFolder(WeightSource):
         if single.is_file():
             with open_safetensors(single) as fh:
                 return {self._canonical(name): single for name in fh.keys()}
+        if (self.folder / "consolidated.safetensors").is_file():
+            raise CheckpointError(f"{self.folder} holds Mistral's consolidated.safetensors beside a config.json, but no "
+                                  f"model.safetensors or {INDEX}: download the HF weights too, or move config.json "
+                                  "away to read it as a Mistral folder (params.json)")
         raise CheckpointError(f"no model.safetensors or {INDEX} in {self.folder}; "
                               "only safetensors checkpoints are read (convert .bin files with safetensors first)")
 

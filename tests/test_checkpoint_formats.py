@@ -176,3 +176,13 @@ def test_hub_id_resolves_in_the_local_cache_only(tmp_path: Path, monkeypatch: py
     missing = cli_build("reference", tmp_path / "none", "--checkpoint", "acme/absent")
     one_line_error(missing, str(tmp_path / "hub"))
     assert "hf download acme/absent" in missing.output and not (tmp_path / "none").exists()
+
+
+def test_consolidated_weights_beside_a_config_json_say_what_to_do(tmp_path: Path) -> None:
+    """Hub repos of Mistral hold both layouts; with only the consolidated weights downloaded, the HF
+    config.json decides the format, and the error says how to proceed."""
+    folder = write_consolidated(tmp_path / "c", consolidated_weights())
+    save_checkpoint(hf_model(), tmp_path / "hf")
+    (folder / "config.json").write_bytes((tmp_path / "hf" / "config.json").read_bytes())
+    one_line_error(cli_build("reference", tmp_path / "art", "--checkpoint", str(folder)),
+                   "holds Mistral's consolidated.safetensors beside a config.json")

@@ -79,6 +79,15 @@ def test_compression_shrinks_weights(fp16_artifact: Path, tmp_path: Path, precis
     ratio = _weights_bytes(out) / _weights_bytes(fp16_artifact)
     print(f"{precision}: weight file {_weights_bytes(out)} bytes, {ratio:.2f}x of fp16")
     assert ratio <= most
+    if precision == "palette4":
+        # Its weights read back from the palettized MIL consts equal the source palettized again (the exact
+        # part of fidelity; int8 and int4 are validated whole in test_target_suite.py and test_fidelity.py).
+        from exporter.checkpoint import PresetWeights
+        from exporter.manifest import read_manifest
+        from targets.coreml.readback import readback
+
+        back = readback(out, read_manifest(out), PresetWeights("tiny"))
+        assert back.unchecked is None and back.checked > 0 and back.mismatches == [], back.mismatches
 
 
 @pytest.mark.parametrize("option,needle", [

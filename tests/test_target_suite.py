@@ -29,7 +29,6 @@ CASES = [
     ("reference", "bf16", []),
     ("coreml", "fp16", []),
     ("coreml", "int8", []),
-    ("coreml", "palette4", []),
     ("tensorrt", "fp16", _tensorrt_args()),
     ("tensorrt", "fp32", _tensorrt_args()),
     ("onnxruntime", "fp32", []),
