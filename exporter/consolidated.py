@@ -38,6 +38,8 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
+_STORED_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
+_STORED_TOP = {v: k for k, v in _TOP_NAMES.items()}
 
 
 def is_consolidated(folder: Path) -> bool:
@@ -121,13 +123,15 @@ class ConsolidatedFolder(CheckpointFolder):
         match = _LAYER.match(stored)
         if match and match.group(2) in _LAYER_NAMES:
             return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
-        return stored  # reported as unexpected by the key check, under its own name
+        # Marked, so the key check reports it as unexpected and it cannot pass for the canonical tensor
+        # of the same name (a file holding `norm.weight` and `model.norm.weight` would otherwise merge).
+        return f"{stored} (not a mistral-inference name)"
 
     def _stored(self, name: str) -> str:
         if name.startswith("model.layers."):
             layer, rest = name.removeprefix("model.layers.").split(".", 1)
-            return f"layers.{layer}." + {v: k for k, v in _LAYER_NAMES.items()}[rest]
-        return {v: k for k, v in _TOP_NAMES.items()}[name]
+            return f"layers.{layer}." + _STORED_LAYER[rest]
+        return _STORED_TOP[name]
 
     def _convert(self, name: str, stored: torch.Tensor) -> torch.Tensor:
         if name.endswith("self_attn.q_proj.weight"):
@@ -140,7 +144,3 @@ class ConsolidatedFolder(CheckpointFolder):
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             return self.tensor(name, None)[start:stop]  # reordered rows: convert the tensor, then slice
         return super().row_block(name, start, stop)
-
-    def tokenizer_file(self) -> Path | None:
-        """Mistral's own tokenizer file, if the folder carries one (newest version first)."""
-        return next((self.folder / n for n in TOKENIZERS if (self.folder / n).is_file()), None)

@@ -186,3 +186,12 @@ def test_consolidated_weights_beside_a_config_json_say_what_to_do(tmp_path: Path
     (folder / "config.json").write_bytes((tmp_path / "hf" / "config.json").read_bytes())
     one_line_error(cli_build("reference", tmp_path / "art", "--checkpoint", str(folder)),
                    "holds Mistral's consolidated.safetensors beside a config.json")
+
+
+def test_a_tensor_outside_mistral_naming_is_refused_not_merged(tmp_path: Path) -> None:
+    """`model.norm.weight` beside `norm.weight` is not a second name for one tensor: it is unexpected."""
+    weights = consolidated_weights()
+    weights["model.norm.weight"] = torch.zeros(PARAMS["dim"])
+    folder = write_consolidated(tmp_path / "c", weights)
+    one_line_error(cli_build("reference", tmp_path / "art", "--checkpoint", str(folder)),
+                   "unexpected tensors (1): model.norm.weight (not a mistral-inference name)")
