@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from exporter.config import MistralConfig, load_config, preset
 from exporter.errors import CheckpointError
 from exporter.model import MistralModel
+from exporter.tokenizer import PRESET_TOKENIZERS, SPM_FILE, identify, packaged, version_of, write_hf_files
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -52,6 +54,15 @@ def finite(name: str, tensor: torch.Tensor, where: Path | str) -> torch.Tensor:
         raise CheckpointError(f"tensor {name} in {where} holds {bad} NaN/Inf value(s); the checkpoint is "
                               "corrupt or was saved after a diverged step: use a finite checkpoint")
     return tensor
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    """A JSON object file's content; {} when it is absent or not an object (the tokenizer loader reports it)."""
+    try:
+        raw = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -125,6 +136,20 @@ class WeightSource:
     def file_records(self) -> list[FileRecord]:
         return []
 
+    def write_tokenizer(self, dest: Path) -> dict[str, Any] | None:
+        """The source's tokenizer files into dest (created), and what they are; None when it has none."""
+        if self.tokenizer_dir is None:
+            return None
+        dest.mkdir()
+        for name in TOKENIZER_FILES:
+            if (self.tokenizer_dir / name).is_file():
+                shutil.copy2(self.tokenizer_dir / name, dest / name)
+        known = identify(dest / SPM_FILE) if (dest / SPM_FILE).is_file() else None
+        return {"kind": "copied", "mistral_common_file": known,
+                "instruct_version": version_of(known) if known else None,
+                "chat_template": "chat_template" in _json_or_empty(dest / "tokenizer_config.json")
+                or (dest / "chat_template.jinja").is_file()}
+
     def fingerprint(self) -> str:
         """Content identity: hashes of the files, or the preset name and seed."""
         return hashlib.sha256(json.dumps([r.to_dict() for r in self.file_records()]).encode()).hexdigest()
@@ -170,6 +195,17 @@ class PresetWeights(WeightSource):
 
     def fingerprint(self) -> str:
         return f"preset:{self.name}:seed{self.seed}"
+
+    def write_tokenizer(self, dest: Path) -> dict[str, Any] | None:
+        """The preset's real Mistral tokenizer, from the installed mistral-common package."""
+        name = PRESET_TOKENIZERS.get(self.name)
+        if name is None:
+            return None
+        info = write_hf_files(packaged(name), dest, version_of(name))
+        if info["vocab_size"] != self.config.vocab_size:  # a preset re-dimensioned by a benchmark
+            shutil.rmtree(dest)
+            return None
+        return {**info, "source": f"mistral-common/data/{name}"}
 
 
 class CheckpointFolder(WeightSource):

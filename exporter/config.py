@@ -213,7 +213,7 @@ def load_config(folder: Path) -> MistralConfig:
 
 PRESETS: dict[str, MistralConfig] = {
     # Window 16 is smaller than the sequences tests use, so the rolling buffer wraps.
-    "tiny": MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    "tiny": MistralConfig(vocab_size=32000, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                           rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=16,
                           max_position_embeddings=4096),

@@ -17,6 +17,7 @@ import torch
 
 from exporter.checkpoint import CheckpointFolder, open_safetensors
 from exporter.config import MistralConfig, config_from_dict
+from exporter.tokenizer import version_of, write_hf_files
 from exporter.errors import CheckpointError, ConfigError
 
 PARAMS = "params.json"
@@ -96,8 +97,16 @@ class ConsolidatedFolder(CheckpointFolder):
 
     def __init__(self, folder: Path) -> None:
         super().__init__(folder)
-        # Mistral's tokenizer files are hashed into the manifest, but not yet carried as an HF tokenizer.
-        self.tokenizer_dir = None
+        self.tokenizer_dir = None  # Mistral's own files are converted, not copied (write_tokenizer)
+
+    def write_tokenizer(self, dest: Path) -> dict[str, Any] | None:
+        """The folder's SentencePiece file converted to HF files; a tekken file is hashed into the
+        manifest but not carried (no converter here yet), which the manifest says."""
+        spm = next((self.folder / n for n in TOKENIZERS if n.startswith("tokenizer.model")
+                    and (self.folder / n).is_file()), None)
+        if spm is None:
+            return None
+        return {**write_hf_files(spm, dest, version_of(spm.name)), "source": spm.name}
 
     def _config(self) -> MistralConfig:
         path = self.folder / PARAMS

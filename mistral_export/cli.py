@@ -32,6 +32,7 @@ from exporter.manifest import listed_dir, read_manifest
 from pipeline.build import BuildRequest, build
 from pipeline.multi import ALL_AVAILABLE, expand_targets
 from targets import registry
+from validation.markdown import bound_sign, fmt_value
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Export a Mistral-architecture checkpoint to validated artifacts for each runtime.")
@@ -235,9 +236,19 @@ def inspect_cmd(
     out.print(table)
 
 
-def prompt_tokens(artifact: Path, manifest: dict[str, Any], prompt_ids: str | None, prompt: str | None) -> list[int]:
-    if (prompt_ids is None) == (prompt is None):
-        raise UserError("give exactly one of --prompt-ids or --prompt")
+def _tokenizer_dir(artifact: Path, manifest: dict[str, Any], why: str) -> Path:
+    if not manifest["model"].get("tokenizer"):
+        raise UserError(f"artifact {artifact} has no tokenizer; {why}")
+    return listed_dir(artifact, manifest, manifest["model"]["tokenizer"])
+
+
+def prompt_tokens(artifact: Path, manifest: dict[str, Any], prompt_ids: str | None, prompt: str | None,
+                  chat: list[str], system: str | None) -> tuple[list[int], str]:
+    """The prompt's ids and how they were made."""
+    if sum(x is not None and x != [] for x in (prompt_ids, prompt, chat)) != 1:
+        raise UserError("give exactly one of --prompt-ids, --prompt or --chat")
+    if system is not None and not chat:
+        raise UserError("--system goes with --chat")
     if prompt_ids is not None:
         try:
             ids = [int(x) for x in prompt_ids.replace(" ", "").split(",") if x]
@@ -247,11 +258,12 @@ def prompt_tokens(artifact: Path, manifest: dict[str, Any], prompt_ids: str | No
         bad = [i for i in ids if not 0 <= i < vocab]
         if not ids or bad:
             raise UserError(f"--prompt-ids needs ids in [0, {vocab}); got {bad or 'none'}")
-        return ids
-    if not manifest["model"].get("tokenizer"):
-        raise UserError(f"artifact {artifact} has no tokenizer; use --prompt-ids")
-    from validation.text import load_tokenizer
-    return load_tokenizer(listed_dir(artifact, manifest, manifest["model"]["tokenizer"])).encode(prompt)
+        return ids, "ids"
+    from validation.text import encode_chat, load_tokenizer
+
+    if chat:
+        return encode_chat(_tokenizer_dir(artifact, manifest, "use --prompt-ids"), chat, system)
+    return list(load_tokenizer(_tokenizer_dir(artifact, manifest, "use --prompt-ids")).encode(prompt)), "tokenizer"
 
 
 @app.command("generate")
@@ -259,12 +271,17 @@ def prompt_tokens(artifact: Path, manifest: dict[str, Any], prompt_ids: str | No
 def generate_cmd(
     artifact: Annotated[Path, typer.Argument(help="Artifact folder.")],
     prompt_ids: Annotated[str | None, typer.Option(help="Prompt as comma-separated token ids, e.g. 1,2,3.")] = None,
-    prompt: Annotated[str | None, typer.Option(help="Prompt text (needs a tokenizer in the artifact).")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Prompt text, encoded with the artifact's tokenizer (BOS first).")] = None,
+    chat: Annotated[list[str] | None, typer.Option(
+        help="A chat turn; repeat for user, assistant, user, ... (ending with the user). Encoded in Mistral's "
+             "instruct format by mistral-common for Mistral tokenizers, else by the tokenizer's chat template.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt for --chat.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 16,
     device: Annotated[str | None, typer.Option(help="Device to run on [default: the artifact's].")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print {\"token_ids\": [...]} only.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print {\"token_ids\": [...], \"text\": ...} only "
+                                                          "(text is null without a tokenizer).")] = False,
 ) -> None:
-    """Greedy decoding through the artifact's own runner."""
+    """Greedy decoding through the artifact's own runner; with a tokenizer the text streams as it is generated."""
     from targets.generate import greedy_generate
 
     from exporter.config import MistralConfig
@@ -273,15 +290,29 @@ def generate_cmd(
     manifest = read_manifest(artifact)
     check_caches_fit(MistralConfig(**manifest["model"]["config"]), manifest["cache"]["capacity"], 1, 1, "generate")
     manifest, runner = registry.load_runner(artifact, device)
-    ids = prompt_tokens(artifact, manifest, prompt_ids, prompt)
-    new = greedy_generate(runner, [ids], max_new_tokens, manifest["model"]["config"].get("eos_token_id"))[0]
-    if json_out:
-        print(json.dumps({"token_ids": new}))
-        return
-    out.print(f"prompt {len(ids)} tokens -> {len(new)} new: {new}", highlight=False)
+    ids, how = prompt_tokens(artifact, manifest, prompt_ids, prompt, chat or [], system)
+    stream = None
     if manifest["model"].get("tokenizer"):
-        from validation.text import load_tokenizer
-        out.print(load_tokenizer(listed_dir(artifact, manifest, manifest["model"]["tokenizer"])).decode(new), highlight=False)
+        from validation.text import TextStream, load_tokenizer
+        stream = TextStream(load_tokenizer(_tokenizer_dir(artifact, manifest, "")))
+
+    def show(row: int, token: int) -> None:
+        if stream is not None:
+            piece = stream.push(token)
+            if not json_out and piece:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+
+    new = greedy_generate(runner, [ids], max_new_tokens, manifest["model"]["config"].get("eos_token_id"),
+                          on_token=show)[0]
+    text = stream.text() if stream is not None else None
+    if json_out:
+        print(json.dumps({"token_ids": new, "text": text, "prompt_tokens": len(ids), "prompt_from": how},
+                         ensure_ascii=False))
+        return
+    if stream is not None:
+        sys.stdout.write("\n")
+    out.print(f"prompt {len(ids)} tokens ({how}) -> {len(new)} new: {new}", highlight=False)
 
 
 def _print_report(rep: dict[str, Any]) -> None:
@@ -300,9 +331,14 @@ def _print_report(rep: dict[str, Any]) -> None:
                                 f"{part['corpus']['mean_kl']:.3g}, same top {part['corpus']['same_top_pct']:.1f} %"
                                 + (f"; stored weights {weights['status']} ({weights['checked']} checked)"
                                    if weights else "")))
+    tok = p.get("tokenizer")
+    if tok:
+        rows = ", ".join(f"{r['tokenizer']} {r['status']}" for r in tok.get("tokenizers", []))
+        out.print(Text.assemble("  tokenizer ", (tok["status"], colors.get(tok["status"], "yellow")),
+                                f": {rows or tok.get('reason', '')}"))
     for f in p.get("failures", [])[:10]:
         out.print(Text.assemble("  ", ("FAIL", "red"), f" {f['section']}: {f['metric']} at {f['step']} = "
-                                f"{f['value']:.4g} ({'<=' if f['bound'] == 'max' else '>='} {f['threshold']:.4g})"))
+                                f"{fmt_value(f['value'])} ({bound_sign(f)} {fmt_value(f['threshold'])})"))
     if lat["status"] == "measured":
         pre = ", ".join(f"T={r['tokens']}: {r['median_ms']:.2f} ms" for r in lat["prefill"])
         dec = ", ".join(f"fill {r['fill']}: {r['median_ms']:.2f} ms" for r in lat["decode"])
@@ -343,8 +379,8 @@ def validate_cmd(
     if rep["parity"]["status"] == "failed":
         first = rep["parity"]["failures"][0]
         raise GateFailure(f"{len(rep['parity']['failures'])} parity gate(s) failed, first: {first['section']} "
-                          f"{first['metric']} at {first['step']} = {first['value']:.4g} "
-                          f"(threshold {first['threshold']:.4g})")
+                          f"{first['metric']} at {first['step']} = {fmt_value(first['value'])} "
+                          f"({bound_sign(first)} {fmt_value(first['threshold'])})")
 
 
 @app.command("bench")

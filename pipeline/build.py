@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from typing import Any
 from exporter import offline
 from exporter.artifact import check_out, staged
 from exporter.trace_cache import caching
-from exporter.checkpoint import DTYPES, TOKENIZER_FILES, WeightSource
+from exporter.checkpoint import DTYPES, WeightSource
 from exporter.sources import open_source
 from exporter.config import MistralConfig
 from exporter.contract import io_to_dict
@@ -24,6 +23,7 @@ from targets import registry
 from targets.base import LowerInput, Progress, Target, check_supported, parse_options
 
 ARTIFACTS_ROOT = Path("artifacts")
+TOKENIZER_DIR = "tokenizer"
 # Runs after lowering, inside the staging folder; returns the manifest's validation summary.
 Validator = Callable[[Path, dict[str, Any], Progress], dict[str, Any]]
 
@@ -78,17 +78,6 @@ def resolve_target(req: BuildRequest) -> tuple[Target, Any, BuildRequest]:
     return target, options, req
 
 
-def copy_tokenizer(source: WeightSource, stage: Path) -> bool:
-    if source.tokenizer_dir is None:
-        return False
-    dest = stage / "tokenizer"
-    dest.mkdir()
-    for name in TOKENIZER_FILES:
-        if (source.tokenizer_dir / name).is_file():
-            shutil.copy2(source.tokenizer_dir / name, dest / name)
-    return True
-
-
 def default_name(source: WeightSource, target: str, precision: str) -> str:
     return f"{source.name}-{target}-{precision}"
 
@@ -120,15 +109,17 @@ def _build(req: BuildRequest, progress: Progress, validator: Validator | None, s
     trace = traces[spec.key()]
     with staged(out, req.force, protect) as stage:
         start = time.perf_counter()
+        # First, so a target can convert it or place it where its own client looks.
+        tokenizer = source.write_tokenizer(stage / TOKENIZER_DIR)
+        tokenizer_dir = stage / TOKENIZER_DIR if tokenizer is not None else None
         lowered = target.lower(LowerInput(trace.program, source.config, capacity, req.precision, source,
-                                          req.device, options, progress), stage)
-        has_tokenizer = copy_tokenizer(source, stage)
+                                          req.device, options, progress, tokenizer_dir), stage)
         manifest = {
             "model": {"name": source.name, "source": source.fingerprint(), "config": source.config.to_dict(),
                       "path": str(source.folder.resolve()) if source.folder is not None else None,
                       "format": source.format, "hub_id": source.hub_id,
                       "checkpoint_files": [r.to_dict() for r in source.file_records()],
-                      "tokenizer": "tokenizer" if has_tokenizer else None},
+                      "tokenizer": TOKENIZER_DIR if tokenizer is not None else None, "tokenizer_info": tokenizer},
             "tool": tool_versions(getattr(target, "runtime_packages", ())),
             "target": {"name": target.name, "device": req.device, "precision": req.precision,
                        "options": dataclasses.asdict(options), **lowered.extra},

@@ -39,6 +39,7 @@ class LowerInput:
     device: str
     options: Any
     progress: Progress = field(default=lambda message, fraction: None)
+    tokenizer_dir: Path | None = None  # the artifact's tokenizer/ folder, already written, if it has one
 
     def program(self) -> ExportedProgram:
         """A private copy of the weight-free program (placeholders are shared, they are tiny)."""

@@ -6,7 +6,7 @@ and each row decodes at its own position.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -73,9 +73,11 @@ def check_context(runner: Runner, total: int) -> None:
 
 
 def greedy_generate(runner: Runner, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    eos_token_id: int | None = None, logits: list[np.ndarray] | None = None) -> list[list[int]]:
+                    eos_token_id: int | None = None, logits: list[np.ndarray] | None = None,
+                    on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """Greedy decoding; returns only the new tokens of each row (stopping a row at EOS). `logits`, if
-    given, receives each step's [batch, vocab] logits, those the new token i was chosen from."""
+    given, receives each step's [batch, vocab] logits, those the new token i was chosen from;
+    `on_token(row, token)` is called as each token is chosen, for streaming."""
     lengths = [len(p) for p in prompts]
     check_context(runner, max(lengths) + max_new_tokens - 1)
     last = prefill_last(runner, prompts)
@@ -88,6 +90,8 @@ def greedy_generate(runner: Runner, prompts: Sequence[Sequence[int]], max_new_to
         for b, token in enumerate(nxt):
             if not done[b]:
                 out[b].append(int(token))
+                if on_token is not None:
+                    on_token(b, int(token))
                 done[b] = eos_token_id is not None and int(token) == eos_token_id
         if all(done) or i == max_new_tokens - 1:
             break

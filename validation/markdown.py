@@ -5,12 +5,33 @@ from __future__ import annotations
 from typing import Any
 
 
-def _fmt(v: Any) -> str:
+def fmt_value(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _bound(f: dict[str, Any]) -> str:
-    return "<=" if f["bound"] == "max" else ">="
+_fmt = fmt_value
+
+
+def bound_sign(f: dict[str, Any]) -> str:
+    return {"max": "<=", "min": ">=", "equal": "must equal"}[f["bound"]]
+
+
+def _tokenizer(part: dict[str, Any]) -> list[str]:
+    lines = [f"### Tokenizer: **{part['status']}**", ""]
+    if part["status"] == "not-run":
+        return lines + [part["reason"], ""]
+    lines += [f"Reference: {part['reference']}. Text set: {part['text_set']} ({part['texts']} texts).", "",
+              "| tokenizer | result | first mismatch |", "|---|---|---|"]
+    for r in part["tokenizers"]:
+        m = r.get("first_mismatch")
+        detail = (f"{r['check']} of `{m['label']}`: " + (f"ids {m['ids']} vs {m['reference_ids']} at {m['at']}"
+                  if r["check"] == "encode" else f"{m['decoded']!r} vs {m['reference_decoded']!r}")) if m else ""
+        lines.append(f"| {r['tokenizer']} | {r['status']}{' (' + r['reason'] + ')' if r.get('reason') else ''} | {detail} |")
+    known = {label: [r["tokenizer"] for r in part["tokenizers"] if r.get("known_differences", {}).get(label) == "differs"]
+             for r0 in part["tokenizers"][:1] for label in r0.get("known_differences", {})}
+    for label, who in known.items():
+        lines.append(f"\nKnown difference `{label}` (not gated): {', '.join(who) or 'none'} differ.")
+    return lines + [""]
 
 
 def _section(name: str, part: dict[str, Any]) -> list[str]:
@@ -47,7 +68,7 @@ def _section(name: str, part: dict[str, Any]) -> list[str]:
               f"(ratio {c['ppl_ratio']:.4f} ± {c['ln_ppl_ratio_stderr']:.2g} in ln) | |", ""]
     if part["failures"]:
         lines += [f"{len(part['failures'])} gate failure(s):", ""]
-        lines += [f"- {f['metric']} at {f['step']} = {_fmt(f['value'])} ({_bound(f)} {_fmt(f['threshold'])})"
+        lines += [f"- {f['metric']} at {f['step']} = {_fmt(f['value'])} ({bound_sign(f)} {_fmt(f['threshold'])})"
                   for f in part["failures"][:50]]
         lines.append("")
     lines += ["| step | positions | max_abs | mean_abs | cosine | top1 | kl |", "|---|---|---|---|---|---|---|"]
@@ -70,6 +91,8 @@ def render(report: dict[str, Any]) -> str:
                   f"{p['corpus_source']['text']} as {p['corpus_source']['ids']} ({p['corpus_source']['tokens']} tokens).",
                   "", "![parity](parity.png)", ""]
         lines += _section("fidelity", p["fidelity"]) + _section("quality", p["quality"])
+        if p.get("tokenizer"):
+            lines += _tokenizer(p["tokenizer"])
     lines += [f"## Latency: {lat['status']} (level `{lat['level']}`)", ""]
     if lat["status"] == "measured":
         lines += ["| prefill tokens | median ms | p90 ms |", "|---|---|---|"]

@@ -25,7 +25,8 @@ _STATS = {"type": "object", "required": ["median_ms", "p90_ms", "runs"],
 _CORPUS = {"type": "object", "required": ["positions", "mean_kl", "mean_kl_stderr", "kl_percentiles", "same_top_pct",
                                           "same_top_pct_stderr", "delta_p_pct", "ppl_reference", "ppl_artifact",
                                           "ppl_ratio", "kl_quantiles"]}
-_FAILURE = {"type": "object", "required": ["metric", "step", "value", "threshold", "bound"]}
+_FAILURE = {"type": "object", "required": ["metric", "step", "value", "threshold", "bound"],
+            "properties": {"bound": {"enum": ["max", "min", "equal"]}}}
 _SECTION = {
     "type": "object", "required": ["status"],
     "properties": {
@@ -64,6 +65,10 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "corpus_source": {"type": "object"},
                 "fidelity": _SECTION,
                 "quality": _SECTION,
+                "tokenizer": {"type": "object", "required": ["status"],
+                              "properties": {"status": {"enum": ["passed", "failed", "not-run"]},
+                                             "tokenizers": {"type": "array", "items": {
+                                                 "type": "object", "required": ["tokenizer", "status"]}}}},
                 "failures": {"type": "array", "items": {**_FAILURE, "required": ["section", *_FAILURE["required"]]}},
             },
         },

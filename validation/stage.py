@@ -18,6 +18,7 @@ from exporter.trace_cache import caching
 from targets import registry
 from validation import latency, report
 from validation.fidelity import check_parity
+from validation.tokenizers import check_tokenizers
 
 Progress = Callable[[str, float], None]
 
@@ -93,6 +94,10 @@ def _measure(artifact: Path, req: ValidateRequest, progress: Progress) -> tuple[
             tokenizer = load_tokenizer(listed_dir(artifact, manifest, manifest["model"]["tokenizer"]))
         parity = check_parity(artifact, manifest, runner, tokenizer, req, progress)
         parity["measured_on"] = _where(runner, device, manifest)
+        progress("validation: tokenizer parity", 0.95)
+        parity["tokenizer"] = check_tokenizers(artifact, manifest, tokenizer)
+        parity["failures"] += [{"section": "tokenizer", **f} for f in parity["tokenizer"].get("failures", [])]
+        parity["status"] = "failed" if parity["failures"] else parity["status"]
     lat: dict[str, Any] = {"status": "not-run", "level": level}
     if req.latency:
         lat = {"status": "measured", "level": level, **latency.measure(runner, cfg.vocab_size, progress=progress)}

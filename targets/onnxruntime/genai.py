@@ -7,6 +7,7 @@ window-sized past/present buffer (GQA sliding_window_cache) instead of one of ma
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +48,17 @@ def genai_config(cfg: MistralConfig, model_file: str, context: int, window: int 
 
 def write_genai_config(out_dir: Path, config: dict[str, Any]) -> None:
     (out_dir / FILENAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+# og.Tokenizer reads these beside genai_config.json, not from a subfolder.
+GENAI_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def place_tokenizer(tokenizer_dir: Path | None, out_dir: Path) -> list[str]:
+    """Copies of the artifact's tokenizer files where onnxruntime-genai looks for them."""
+    if tokenizer_dir is None or not (tokenizer_dir / "tokenizer.json").is_file():
+        return []
+    placed = [n for n in GENAI_TOKENIZER_FILES if (tokenizer_dir / n).is_file()]
+    for name in placed:
+        shutil.copyfile(tokenizer_dir / name, out_dir / name)
+    return placed

@@ -15,7 +15,7 @@ from exporter.trace import trace_dtype
 from targets.base import LowerInput, Lowered
 from targets.onnxruntime import kernels
 from targets.onnxruntime.export import quiet, save, to_onnx
-from targets.onnxruntime.genai import genai_config, write_genai_config
+from targets.onnxruntime.genai import genai_config, place_tokenizer, write_genai_config
 from targets.onnxruntime.passes.io import canonical_io, genai_io
 from targets.onnxruntime.passes.packing import pack_qkv
 from targets.onnxruntime.passes.reshapes import drop_reshape_roundtrips
@@ -136,6 +136,7 @@ def lower_to_files(inp: LowerInput, out_dir: Path) -> Lowered:
         window = inp.config.sliding_window
         context = extra.get("rotary_positions", inp.config.max_position_embeddings) if window else inp.capacity
         write_genai_config(out_dir, genai_config(inp.config, MODEL_FILE, context, window, inp.device))
+        extra["genai_tokenizer"] = place_tokenizer(inp.tokenizer_dir, out_dir)
     dtype = inp.precision if inp.precision in ("fp16", "bf16") and not _upcast(inp) else "fp32"
     if _upcast(inp):
         extra["compute"] = "fp32: fp16 weights are cast once at session start (x86 ORT has no fp16 GEMM)"

@@ -78,7 +78,7 @@ class OpenVinoTarget:
 
         ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=False)
         del model
-        tok = tokenizer.write_tokenizer(inp.weights.tokenizer_dir, out_dir)
+        tok = tokenizer.write_tokenizer(inp.tokenizer_dir, out_dir)
         tokenizer.write_genai_config(cfg, out_dir)
         hints = runtime_hints(inp.precision, options)
         cache_dtype = hints.get("KV_CACHE_PRECISION") or f"device default (IR {RAW_CACHE_TYPES[inp.precision]})"
