@@ -111,6 +111,9 @@ def _build(req: BuildRequest, progress: Progress, validator: Validator | None, s
         start = time.perf_counter()
         # First, so a target can convert it or place it where its own client looks.
         tokenizer = source.write_tokenizer(stage / TOKENIZER_DIR)
+        if tokenizer is not None and tokenizer.get("vocab_size", 0) > source.config.vocab_size:
+            raise UserError(f"the tokenizer has {tokenizer['vocab_size']} ids but the model only "
+                            f"{source.config.vocab_size}; give the checkpoint's own tokenizer file")
         tokenizer_dir = stage / TOKENIZER_DIR if tokenizer is not None else None
         lowered = target.lower(LowerInput(trace.program, source.config, capacity, req.precision, source,
                                           req.device, options, progress, tokenizer_dir), stage)

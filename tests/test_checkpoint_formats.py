@@ -18,6 +18,7 @@ from tests.conftest import (
     TINY_HF,
     check_against_transformers,
     cli_build,
+    cli_run,
     hf_model,
     one_line_error,
     random_ids,
@@ -30,9 +31,9 @@ PARAMS = dict(dim=TINY_HF["hidden_size"], n_layers=TINY_HF["num_hidden_layers"],
               sliding_window=TINY_HF["sliding_window"], rope_theta=10000.0, max_seq_len=256)
 
 
-def consolidated_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+def consolidated_weights(seed: int = 0, **params: Any) -> dict[str, torch.Tensor]:
     """Random weights in mistral-inference naming and layout (norms away from 1)."""
-    p, gen = PARAMS, torch.Generator().manual_seed(seed)
+    p, gen = {**PARAMS, **params}, torch.Generator().manual_seed(seed)
     q, kv = p["n_heads"] * p["head_dim"], p["n_kv_heads"] * p["head_dim"]
     shapes = {"tok_embeddings.weight": (p["vocab_size"], p["dim"]), "norm.weight": (p["dim"],),
               "output.weight": (p["vocab_size"], p["dim"])}
@@ -195,3 +196,26 @@ def test_a_tensor_outside_mistral_naming_is_refused_not_merged(tmp_path: Path) -
     folder = write_consolidated(tmp_path / "c", weights)
     one_line_error(cli_build("reference", tmp_path / "art", "--checkpoint", str(folder)),
                    "unexpected tensors (1): model.norm.weight (not a mistral-inference name)")
+
+
+def test_consolidated_folder_carries_its_v3_tokenizer(tmp_path: Path) -> None:
+    from exporter.tokenizer import packaged
+
+    v3 = packaged("mistral_instruct_tokenizer_240323.model.v3")
+    folder = write_consolidated(tmp_path / "Mistral-v3", consolidated_weights(vocab_size=32768), vocab_size=32768)
+    (folder / "tokenizer.model.v3").write_bytes(v3.read_bytes())
+    out = tmp_path / "art"
+    result = cli_build("reference", out, "--checkpoint", str(folder), "--no-validate")
+    assert result.exit_code == 0, result.output
+    info = read_manifest(out)["model"]["tokenizer_info"]
+    assert info["instruct_version"] == "v3" and info["mistral_common_file"] == v3.name
+    assert (out / "tokenizer" / "tokenizer.model").read_bytes() == v3.read_bytes()
+    chat = cli_run("generate", str(out), "--chat", "Bonjour", "--system", "Réponds en français.",
+                   "--max-new-tokens", "3", "--json")
+    assert chat.exit_code == 0 and json.loads(chat.stdout)["prompt_from"] == "mistral-common instruct v3"
+    # The same tokenizer beside a model with fewer ids is refused, not carried.
+    small = write_consolidated(tmp_path / "small", consolidated_weights())
+    (small / "tokenizer.model.v3").write_bytes(v3.read_bytes())
+    one_line_error(cli_build("reference", tmp_path / "art2", "--checkpoint", str(small), "--no-validate"),
+                   "the tokenizer has 32768 ids but the model only 96")
+    assert not (tmp_path / "art2").exists()
