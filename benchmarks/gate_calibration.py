@@ -1,5 +1,5 @@
 """Derive the gates: measure clean artifacts and the planted defects (benchmarks/defects.py) per
-(target, precision) on the tiny preset and on a wider random model, and print the margins.
+(target, precision) on the tiny model (CALIBRATION_TINY) and on a wider random model, and print the margins.
 
 For the fidelity gate of every quantized row, each planted defect must be separated from clean noise
 by at least 3x: a graph defect (window off by one) must exceed the gate 3x on a gated metric, a
@@ -12,6 +12,7 @@ artifacts must sit below every gate. The README's gate table cites this script's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from typing import Any
 from benchmarks import defects
 from benchmarks.make_checkpoint import write_checkpoint
 from exporter.checkpoint import PresetWeights
-from exporter.config import MistralConfig
+from exporter.config import MistralConfig, preset
 from exporter.errors import UserError
 from pipeline.build import BuildRequest, build
 from targets import registry
@@ -40,12 +41,20 @@ FLOATS = {"reference": ("fp32", "bf16"), "onnxruntime": ("fp32", "fp16"), "openv
 GRAPH_METRICS = ("kl", "max_abs", "mean_abs", "corpus_mean_kl", "corpus_kl_p99")
 
 
-def wide_checkpoint(folder: Path) -> Path:
+# The small model the gates were calibrated on, and the suite's numeric tests use: the tiny preset's
+# dimensions and seeded weights with a 512-id vocabulary and no tokenizer (ids from the corpus bytes).
+# The preset itself carries Mistral's 32000-id tokenizer since; its weights are generated per name and
+# shape, so these are exactly the weights the calibration measured.
+CALIBRATION_TINY = dataclasses.replace(preset("tiny"), vocab_size=512)
+
+
+def calibration_checkpoint(folder: Path, cfg: MistralConfig = CALIBRATION_TINY) -> Path:
+    """A Hugging Face folder of the tiny preset's seeded weights re-dimensioned to cfg, without a tokenizer."""
     source = PresetWeights("tiny")
-    source.config = WIDE
-    write_checkpoint(WIDE, source, "fp32", folder, 1 << 30)
+    source.config = cfg
+    write_checkpoint(cfg, source, "fp32", folder, 1 << 30)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (folder / name).unlink(missing_ok=True)  # token ids from the corpus bytes, as for the tiny preset
+        (folder / name).unlink(missing_ok=True)  # token ids from the corpus bytes
     return folder
 
 
@@ -128,7 +137,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for model in args.models.split(","):
-            checkpoint = wide_checkpoint(work / "wide-ckpt") if model == "wide" else None
+            checkpoint = calibration_checkpoint(work / f"{model}-ckpt", WIDE if model == "wide" else CALIBRATION_TINY)
             for target in args.targets.split(","):
                 reason = registry.get(target).check_available() if target != "tensorrt" else None
                 if reason:

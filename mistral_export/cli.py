@@ -380,7 +380,7 @@ def validate_cmd(
         first = rep["parity"]["failures"][0]
         raise GateFailure(f"{len(rep['parity']['failures'])} parity gate(s) failed, first: {first['section']} "
                           f"{first['metric']} at {first['step']} = {fmt_value(first['value'])} "
-                          f"({bound_sign(first)} {fmt_value(first['threshold'])})")
+                          f"(threshold {bound_sign(first)} {fmt_value(first['threshold'])})")
 
 
 @app.command("bench")

@@ -63,6 +63,16 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("MISTRAL_EXPORT_CACHE", str(tmp_path_factory.getbasetemp() / "trace-cache"))
 
 
+@pytest.fixture(scope="session")
+def calibration_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model the gates were calibrated on (benchmarks/gate_calibration.py CALIBRATION_TINY): the tiny
+    preset's dimensions and weights with 512 ids and no tokenizer. The numeric suites build it; the
+    default preset, with its real 32000-id tokenizer, is built by the text and CLI tests."""
+    from benchmarks.gate_calibration import calibration_checkpoint
+
+    return calibration_checkpoint(tmp_path_factory.mktemp("calibration") / "tiny-512")
+
+
 def write_config(folder: Path, raw: dict[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(raw))

@@ -25,9 +25,9 @@ def _build(out: Path, precision: str, *extra: str) -> object:
 
 
 @pytest.fixture(scope="module")
-def fp16_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fp16_artifact(tmp_path_factory: pytest.TempPathFactory, calibration_tiny: Path) -> Path:
     out = tmp_path_factory.mktemp("coreml") / "fp16"
-    assert _build(out, "fp16").exit_code == 0
+    assert _build(out, "fp16", "--checkpoint", str(calibration_tiny)).exit_code == 0
     return out
 
 
@@ -72,9 +72,10 @@ def test_mil_reference_parity_is_labelled(fp16_artifact: Path) -> None:
 
 
 @pytest.mark.parametrize("precision,most", [("int8", 0.6), ("int4", 0.4), ("palette4", 0.4)])
-def test_compression_shrinks_weights(fp16_artifact: Path, tmp_path: Path, precision: str, most: float) -> None:
+def test_compression_shrinks_weights(fp16_artifact: Path, tmp_path: Path, precision: str, most: float,
+                                     calibration_tiny: Path) -> None:
     out = tmp_path / precision
-    result = _build(out, precision, "--no-validate")
+    result = _build(out, precision, "--no-validate", "--checkpoint", str(calibration_tiny))
     assert result.exit_code == 0
     ratio = _weights_bytes(out) / _weights_bytes(fp16_artifact)
     print(f"{precision}: weight file {_weights_bytes(out)} bytes, {ratio:.2f}x of fp16")
@@ -82,11 +83,11 @@ def test_compression_shrinks_weights(fp16_artifact: Path, tmp_path: Path, precis
     if precision == "palette4":
         # Its weights read back from the palettized MIL consts equal the source palettized again (the exact
         # part of fidelity; int8 and int4 are validated whole in test_target_suite.py and test_fidelity.py).
-        from exporter.checkpoint import PresetWeights
         from exporter.manifest import read_manifest
+        from exporter.sources import open_source
         from targets.coreml.readback import readback
 
-        back = readback(out, read_manifest(out), PresetWeights("tiny"))
+        back = readback(out, read_manifest(out), open_source(calibration_tiny, None))
         assert back.unchecked is None and back.checked > 0 and back.mismatches == [], back.mismatches
 
 

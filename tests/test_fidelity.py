@@ -27,7 +27,8 @@ PLANTS = {"window": defects.window_off_by_one, "kv_heads": defects.swapped_kv_he
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{t}-{p}" for t, p in CASES])
-def artifacts(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def artifacts(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+              calibration_tiny: Path) -> dict[str, Path]:
     target, precision = request.param
     reason = registry.get(target).check_available()
     if reason:
@@ -37,7 +38,7 @@ def artifacts(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     for name, plant in [("clean", None), *PLANTS.items()]:
         out = work / name
         with plant() if plant else nullcontext():
-            build(BuildRequest(target=target, precision=precision, out=out))
+            build(BuildRequest(target=target, precision=precision, out=out, checkpoint=calibration_tiny))
         built[name] = out
     built["scale"] = Path(shutil.copytree(built["clean"], work / "scale"))
     defects.perturbed_scale(built["scale"])

@@ -1,4 +1,5 @@
-"""The black-box suite every target passes: build the tiny preset, validate it through the Runner
+"""The black-box suite every target passes: build the tiny model the gates were calibrated on (the tiny
+preset's weights, 512 ids: conftest.calibration_tiny), validate it through the Runner
 contract against the canonical fp32 reference (past the window, batch 2 ragged), generate.
 
 A target is added here with the precisions it supports; where its runtime is missing the case
@@ -44,13 +45,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("target,precision,extra", CASES)
-def test_target_passes_parity_gates(target: str, precision: str, extra: list[str], tmp_path: Path) -> None:
+def test_target_passes_parity_gates(target: str, precision: str, extra: list[str], tmp_path: Path,
+                                    calibration_tiny: Path) -> None:
     target_obj = registry.get(target)
     reason = target_obj.check_available() if "--onnx-only" not in extra else None
     if reason:
         pytest.skip(f"{target}: {reason}")
     out = tmp_path / "artifact"
-    result = cli_build(target, out, "--precision", precision, *extra)
+    result = cli_build(target, out, "--precision", precision, "--checkpoint", str(calibration_tiny), *extra)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["parity"]["status"] == "passed", report["parity"]["failures"]
