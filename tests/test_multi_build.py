@@ -14,9 +14,9 @@ from mistral_export.cli import app
 cli = CliRunner()
 
 
-def test_two_targets_share_one_trace(tmp_path: Path) -> None:
+def test_two_targets_share_one_trace(tmp_path: Path, calibration_tiny: Path) -> None:
     result = cli.invoke(app, ["build", "--target", "reference,coreml", "--precision", "fp32", "--out", str(tmp_path),
-                              "--no-validate"])
+                              "--checkpoint", str(calibration_tiny), "--no-validate"])
     print(result.output)
     assert result.exit_code == 0
     summary = json.loads((tmp_path / "build-summary.json").read_text())

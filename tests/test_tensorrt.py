@@ -24,9 +24,9 @@ def _build(out: Path, *args: str) -> object:
 
 
 @pytest.fixture(scope="module")
-def onnx_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def onnx_artifact(tmp_path_factory: pytest.TempPathFactory, calibration_tiny: Path) -> Path:
     out = tmp_path_factory.mktemp("trt") / "fp16"
-    assert _build(out, "--onnx-only").exit_code == 0
+    assert _build(out, "--onnx-only", "--checkpoint", str(calibration_tiny)).exit_code == 0
     return out
 
 

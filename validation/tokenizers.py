@@ -44,21 +44,21 @@ def texts(key: str = "texts") -> list[dict[str, str]]:
     return [dict(t) for t in raw[key]]
 
 
-def _reference(folder: Path, hf: Any) -> tuple[Codec, str]:
+def reference_codec(folder: Path, hf: Any) -> tuple[Codec, str]:
     mistral = mistral_tokenizer(folder)
     if mistral is not None:
         raw = mistral.instruct_tokenizer.tokenizer
         return Codec("mistral-common", lambda t: raw.encode(t, bos=False, eos=False), raw.decode), \
             f"mistral-common {identify(folder / SPM_FILE)} (byte-identical to the artifact's tokenizer.model)"
-    return _hf_codec(hf), "the artifact's own HF tokenizer (its tokenizer.model is not one mistral-common ships)"
+    return hf_codec(hf), "the artifact's own HF tokenizer (its tokenizer.model is not one mistral-common ships)"
 
 
-def _hf_codec(hf: Any) -> Codec:
+def hf_codec(hf: Any) -> Codec:
     return Codec("hf", lambda t: list(hf.encode(t, add_special_tokens=False)),
                  lambda ids: hf.decode(ids, skip_special_tokens=True))
 
 
-def _genai_codec(artifact: Path) -> Codec | str:
+def genai_codec(artifact: Path) -> Codec | str:
     try:
         import onnxruntime_genai as og
     except ImportError:
@@ -74,7 +74,7 @@ def _genai_codec(artifact: Path) -> Codec | str:
                  "og.Tokenizer.encode adds no BOS; the client prepends it")
 
 
-def _openvino_codec(artifact: Path, files: tuple[str, str]) -> Codec | str:
+def openvino_codec(artifact: Path, files: tuple[str, str]) -> Codec | str:
     try:
         import numpy as np
         import openvino as ov
@@ -102,11 +102,11 @@ def _clients(artifact: Path, manifest: dict[str, Any]) -> list[Codec | tuple[str
     target = manifest["target"]
     out: list[Codec | tuple[str, str]] = []
     if target.get("genai_tokenizer"):
-        codec = _genai_codec(artifact)
+        codec = genai_codec(artifact)
         out.append(codec if isinstance(codec, Codec) else ("onnxruntime-genai", codec))
     ir = target.get("tokenizer_ir") or {}
     if ir.get("status") == "converted":
-        codec = _openvino_codec(artifact, tuple(ir["files"]))
+        codec = openvino_codec(artifact, tuple(ir["files"]))
         out.append(codec if isinstance(codec, Codec) else ("openvino-tokenizers", codec))
     return out
 
@@ -136,12 +136,12 @@ def check_tokenizers(artifact: Path, manifest: dict[str, Any], hf: Any) -> dict[
     if not manifest["model"].get("tokenizer"):
         return {"status": "not-run", "reason": "the artifact carries no tokenizer"}
     folder = listed_dir(artifact, manifest, manifest["model"]["tokenizer"])
-    reference, described = _reference(folder, hf)
+    reference, described = reference_codec(folder, hf)
     items = texts()
     bos_id = manifest["model"]["config"].get("bos_token_id")
     bos = [bos_id] if bos_id is not None else []
     rows: list[dict[str, Any]] = []
-    for codec in [_hf_codec(hf), *_clients(artifact, manifest)]:
+    for codec in [hf_codec(hf), *_clients(artifact, manifest)]:
         if isinstance(codec, tuple):
             rows.append({"tokenizer": codec[0], "status": "skipped", "reason": codec[1]})
             continue
