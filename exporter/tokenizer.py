@@ -12,7 +12,6 @@ non-legacy Metaspace form (transformers 5's LlamaTokenizer) drops the dummy pref
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from functools import cache
@@ -44,20 +43,20 @@ def packaged(name: str) -> Path:
     return path
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @cache
 def _packaged_hashes() -> dict[str, str]:
+    from exporter.checkpoint import sha256_file  # deferred: checkpoint imports this module
+
     data = mistral_common_data()
-    return {sha256(p): p.name for p in sorted(data.iterdir()) if ".model" in p.name}
+    return {sha256_file(p): p.name for p in sorted(data.iterdir()) if ".model" in p.name}
 
 
 def identify(spm: Path) -> str | None:
     """The mistral-common data file byte-identical to this SentencePiece file, if there is one."""
+    from exporter.checkpoint import sha256_file
+
     try:
-        return _packaged_hashes().get(sha256(spm))
+        return _packaged_hashes().get(sha256_file(spm))
     except CheckpointError:
         return None
 

@@ -236,15 +236,9 @@ def inspect_cmd(
     out.print(table)
 
 
-def _tokenizer_dir(artifact: Path, manifest: dict[str, Any], why: str) -> Path:
-    if not manifest["model"].get("tokenizer"):
-        raise UserError(f"artifact {artifact} has no tokenizer; {why}")
-    return listed_dir(artifact, manifest, manifest["model"]["tokenizer"])
-
-
 def prompt_tokens(artifact: Path, manifest: dict[str, Any], prompt_ids: str | None, prompt: str | None,
-                  chat: list[str], system: str | None) -> tuple[list[int], str]:
-    """The prompt's ids and how they were made."""
+                  chat: list[str], system: str | None, tokenizer: tuple[Path, Any] | None) -> tuple[list[int], str]:
+    """The prompt's ids and how they were made; `tokenizer` is the artifact's (folder, loaded HF tokenizer)."""
     if sum(x is not None and x != [] for x in (prompt_ids, prompt, chat)) != 1:
         raise UserError("give exactly one of --prompt-ids, --prompt or --chat")
     if system is not None and not chat:
@@ -259,11 +253,13 @@ def prompt_tokens(artifact: Path, manifest: dict[str, Any], prompt_ids: str | No
         if not ids or bad:
             raise UserError(f"--prompt-ids needs ids in [0, {vocab}); got {bad or 'none'}")
         return ids, "ids"
-    from validation.text import encode_chat, load_tokenizer
-
+    if tokenizer is None:
+        raise UserError(f"artifact {artifact} has no tokenizer; use --prompt-ids")
+    folder, hf = tokenizer
     if chat:
-        return encode_chat(_tokenizer_dir(artifact, manifest, "use --prompt-ids"), chat, system)
-    return list(load_tokenizer(_tokenizer_dir(artifact, manifest, "use --prompt-ids")).encode(prompt)), "tokenizer"
+        from validation.text import encode_chat
+        return encode_chat(folder, chat, system, hf)
+    return list(hf.encode(prompt)), "tokenizer"
 
 
 @app.command("generate")
@@ -290,11 +286,16 @@ def generate_cmd(
     manifest = read_manifest(artifact)
     check_caches_fit(MistralConfig(**manifest["model"]["config"]), manifest["cache"]["capacity"], 1, 1, "generate")
     manifest, runner = registry.load_runner(artifact, device)
-    ids, how = prompt_tokens(artifact, manifest, prompt_ids, prompt, chat or [], system)
-    stream = None
+    tokenizer = None
     if manifest["model"].get("tokenizer"):
-        from validation.text import TextStream, load_tokenizer
-        stream = TextStream(load_tokenizer(_tokenizer_dir(artifact, manifest, "")))
+        from validation.text import load_tokenizer
+        folder = listed_dir(artifact, manifest, manifest["model"]["tokenizer"])
+        tokenizer = folder, load_tokenizer(folder)
+    ids, how = prompt_tokens(artifact, manifest, prompt_ids, prompt, chat or [], system, tokenizer)
+    stream = None
+    if tokenizer is not None:
+        from validation.text import TextStream
+        stream = TextStream(tokenizer[1])
 
     def show(row: int, token: int) -> None:
         if stream is not None:

@@ -9,9 +9,6 @@ def fmt_value(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-_fmt = fmt_value
-
-
 def bound_sign(f: dict[str, Any]) -> str:
     return {"max": "<=", "min": ">=", "equal": "must equal"}[f["bound"]]
 
@@ -27,9 +24,9 @@ def _tokenizer(part: dict[str, Any]) -> list[str]:
         detail = (f"{r['check']} of `{m['label']}`: " + (f"ids {m['ids']} vs {m['reference_ids']} at {m['at']}"
                   if r["check"] == "encode" else f"{m['decoded']!r} vs {m['reference_decoded']!r}")) if m else ""
         lines.append(f"| {r['tokenizer']} | {r['status']}{' (' + r['reason'] + ')' if r.get('reason') else ''} | {detail} |")
-    known = {label: [r["tokenizer"] for r in part["tokenizers"] if r.get("known_differences", {}).get(label) == "differs"]
-             for r0 in part["tokenizers"][:1] for label in r0.get("known_differences", {})}
-    for label, who in known.items():
+    labels = dict.fromkeys(label for r in part["tokenizers"] for label in r.get("known_differences", {}))
+    for label in labels:
+        who = [r["tokenizer"] for r in part["tokenizers"] if r.get("known_differences", {}).get(label) == "differs"]
         lines.append(f"\nKnown difference `{label}` (not gated): {', '.join(who) or 'none'} differ.")
     return lines + [""]
 
@@ -50,15 +47,15 @@ def _section(name: str, part: dict[str, Any]) -> list[str]:
               "| metric | worst | gate |", "|---|---|---|"]
     for k, v in part["worst"].items():
         gate = "(reported, not gated)" if k == "top1_worst_step" else gates.get(k)
-        lines.append(f"| {k} | {_fmt(v)} | {_fmt(gate)} |")
+        lines.append(f"| {k} | {fmt_value(v)} | {fmt_value(gate)} |")
     for k in ("teacher_forced_match", "free_running_match"):
-        lines.append(f"| {k} | {_fmt(g[k])} | {_fmt(gates[k])} |")
+        lines.append(f"| {k} | {fmt_value(g[k])} | {fmt_value(gates[k])} |")
     c = part["corpus"]
     pct, dp = c["kl_percentiles"], c["delta_p_pct"]
     lines += ["", f"Corpus ({c['positions']} positions):", "",
               "| statistic | value | gate |", "|---|---|---|",
-              f"| mean KL | {c['mean_kl']:.3g} ± {c['mean_kl_stderr']:.2g} | {_fmt(gates.get('corpus_mean_kl'))} |",
-              f"| KL p99 | {pct['p99']:.3g} | {_fmt(gates.get('corpus_kl_p99'))} |",
+              f"| mean KL | {c['mean_kl']:.3g} ± {c['mean_kl_stderr']:.2g} | {fmt_value(gates.get('corpus_mean_kl'))} |",
+              f"| KL p99 | {pct['p99']:.3g} | {fmt_value(gates.get('corpus_kl_p99'))} |",
               f"| KL max / p99.9 / p95 / p90 / median | {pct['max']:.3g} / {pct['p99.9']:.3g} / {pct['p95']:.3g} / "
               f"{pct['p90']:.3g} / {pct['median']:.3g} | |",
               f"| same top token | {c['same_top_pct']:.2f} ± {c['same_top_pct_stderr']:.2f} % | |",
@@ -68,12 +65,12 @@ def _section(name: str, part: dict[str, Any]) -> list[str]:
               f"(ratio {c['ppl_ratio']:.4f} ± {c['ln_ppl_ratio_stderr']:.2g} in ln) | |", ""]
     if part["failures"]:
         lines += [f"{len(part['failures'])} gate failure(s):", ""]
-        lines += [f"- {f['metric']} at {f['step']} = {_fmt(f['value'])} ({bound_sign(f)} {_fmt(f['threshold'])})"
+        lines += [f"- {f['metric']} at {f['step']} = {fmt_value(f['value'])} ({bound_sign(f)} {fmt_value(f['threshold'])})"
                   for f in part["failures"][:50]]
         lines.append("")
     lines += ["| step | positions | max_abs | mean_abs | cosine | top1 | kl |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {s['step']} | {s['positions']} | {_fmt(s['max_abs'])} | {_fmt(s['mean_abs'])} | "
-              f"{_fmt(s['cosine'])} | {_fmt(s['top1'])} | {_fmt(s['kl'])} |" for s in part["steps"]]
+    lines += [f"| {s['step']} | {s['positions']} | {fmt_value(s['max_abs'])} | {fmt_value(s['mean_abs'])} | "
+              f"{fmt_value(s['cosine'])} | {fmt_value(s['top1'])} | {fmt_value(s['kl'])} |" for s in part["steps"]]
     return lines + [""]
 
 

@@ -18,8 +18,9 @@ def load_tokenizer(folder: Path) -> Any:
         raise ArtifactError(f"cannot load the tokenizer in {folder}: {exc}") from None
 
 
-def mistral_tokenizer(folder: Path) -> Any | None:
-    """mistral-common's MistralTokenizer for a tokenizer.model byte-identical to one it ships, else None."""
+def mistral_tokenizer(folder: Path) -> tuple[Any, str] | None:
+    """mistral-common's MistralTokenizer and the name of the file it ships that is byte-identical to the
+    folder's tokenizer.model; None when there is none."""
     from exporter.tokenizer import SPM_FILE, identify, packaged
 
     known = identify(folder / SPM_FILE) if (folder / SPM_FILE).is_file() else None
@@ -27,18 +28,19 @@ def mistral_tokenizer(folder: Path) -> Any | None:
         return None
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    return MistralTokenizer.from_file(str(packaged(known)))
+    return MistralTokenizer.from_file(str(packaged(known))), known
 
 
-def encode_chat(folder: Path, turns: list[str], system: str | None) -> tuple[list[int], str]:
+def encode_chat(folder: Path, turns: list[str], system: str | None, hf: Any = None) -> tuple[list[int], str]:
     """A conversation (user, assistant, user, ... ending with the user) as prompt ids, and how it was
     encoded: Mistral's instruct format through mistral-common where the tokenizer is one of Mistral's,
-    else the tokenizer's own HF chat template."""
+    else the tokenizer's own HF chat template (`hf`: the folder's tokenizer, if already loaded)."""
     if len(turns) % 2 == 0:
         raise UserError(f"--chat turns alternate user, assistant, user, ... and end with the user; got {len(turns)}")
     roles = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
-    mistral = mistral_tokenizer(folder)
-    if mistral is not None:
+    found = mistral_tokenizer(folder)
+    if found is not None:
+        mistral = found[0]
         from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
@@ -47,7 +49,7 @@ def encode_chat(folder: Path, turns: list[str], system: str | None) -> tuple[lis
             [kinds[r](content=t) for r, t in zip(roles, turns)]
         ids = mistral.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
         return list(ids), f"mistral-common instruct {mistral.instruct_tokenizer.tokenizer.version.value}"
-    hf = load_tokenizer(folder)
+    hf = hf if hf is not None else load_tokenizer(folder)
     if not getattr(hf, "chat_template", None):
         raise UserError(f"the tokenizer in {folder} is not one of Mistral's and has no chat template; use --prompt")
     messages = ([{"role": "system", "content": system}] if system else []) + \

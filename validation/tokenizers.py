@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from exporter.manifest import listed_dir
-from exporter.tokenizer import SPM_FILE, identify
 from validation.text import mistral_tokenizer
 
 TEXTS_FILE = "data/tokenizer_texts.json"
 Encode = Callable[[str], list[int]]
 Decode = Callable[[list[int]], str]
+Skipped = tuple[str, str]  # (tokenizer, why it could not be checked here)
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,11 @@ def texts(key: str = "texts") -> list[dict[str, str]]:
 
 
 def reference_codec(folder: Path, hf: Any) -> tuple[Codec, str]:
-    mistral = mistral_tokenizer(folder)
-    if mistral is not None:
-        raw = mistral.instruct_tokenizer.tokenizer
+    found = mistral_tokenizer(folder)
+    if found is not None:
+        raw = found[0].instruct_tokenizer.tokenizer
         return Codec("mistral-common", lambda t: raw.encode(t, bos=False, eos=False), raw.decode), \
-            f"mistral-common {identify(folder / SPM_FILE)} (byte-identical to the artifact's tokenizer.model)"
+            f"mistral-common {found[1]} (byte-identical to the artifact's tokenizer.model)"
     return hf_codec(hf), "the artifact's own HF tokenizer (its tokenizer.model is not one mistral-common ships)"
 
 
@@ -58,11 +58,11 @@ def hf_codec(hf: Any) -> Codec:
                  lambda ids: hf.decode(ids, skip_special_tokens=True))
 
 
-def genai_codec(artifact: Path) -> Codec | str:
+def genai_codec(artifact: Path) -> Codec | Skipped:
     try:
         import onnxruntime_genai as og
     except ImportError:
-        return "onnxruntime-genai is not installed (pip install onnxruntime-genai)"
+        return "onnxruntime-genai", "onnxruntime-genai is not installed (pip install onnxruntime-genai)"
     tok = og.Tokenizer(str(artifact))
     bos = tok.bos_token_id
 
@@ -74,13 +74,13 @@ def genai_codec(artifact: Path) -> Codec | str:
                  "og.Tokenizer.encode adds no BOS; the client prepends it")
 
 
-def openvino_codec(artifact: Path, files: tuple[str, str]) -> Codec | str:
+def openvino_codec(artifact: Path, files: tuple[str, str]) -> Codec | Skipped:
     try:
         import numpy as np
         import openvino as ov
         import openvino_tokenizers  # noqa: F401  (registers the tokenizer ops)
     except ImportError as exc:
-        return f"{exc.name} is not installed (pip install openvino-tokenizers)"
+        return "openvino-tokenizers", f"{exc.name} is not installed (pip install openvino-tokenizers)"
     core = ov.Core()
     enc = core.compile_model(str(artifact / files[0]), "CPU")
     dec = core.compile_model(str(artifact / files[1]), "CPU")
@@ -98,37 +98,40 @@ def openvino_codec(artifact: Path, files: tuple[str, str]) -> Codec | str:
     return Codec("openvino-tokenizers", encode, decode)
 
 
-def _clients(artifact: Path, manifest: dict[str, Any]) -> list[Codec | tuple[str, str]]:
+def _clients(artifact: Path, manifest: dict[str, Any]) -> list[Codec | Skipped]:
     target = manifest["target"]
-    out: list[Codec | tuple[str, str]] = []
+    out: list[Codec | Skipped] = []
     if target.get("genai_tokenizer"):
-        codec = genai_codec(artifact)
-        out.append(codec if isinstance(codec, Codec) else ("onnxruntime-genai", codec))
+        out.append(genai_codec(artifact))
     ir = target.get("tokenizer_ir") or {}
     if ir.get("status") == "converted":
-        codec = openvino_codec(artifact, tuple(ir["files"]))
-        out.append(codec if isinstance(codec, Codec) else ("openvino-tokenizers", codec))
+        out.append(openvino_codec(artifact, tuple(ir["files"])))
     return out
 
 
+def mismatch(codec: Codec, reference: Codec, text: str, bos: list[int]) -> dict[str, Any] | None:
+    """How codec differs from the reference on one text (`check` encode or decode, and where), or None."""
+    want, got = reference.encode(text), codec.encode(text)
+    if got != want:
+        at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        return {"check": "encode", "at": at, "ids": got[max(0, at - 3):at + 5],
+                "reference_ids": want[max(0, at - 3):at + 5]}
+    back, ref_back = codec.decode(bos + want), reference.decode(bos + want)
+    if back != ref_back:
+        return {"check": "decode", "decoded": back, "reference_decoded": ref_back}
+    return None
+
+
 def _compare(codec: Codec, reference: Codec, items: list[dict[str, str]], bos: list[int]) -> dict[str, Any]:
+    row: dict[str, Any] = {"tokenizer": codec.name, "status": "passed", "texts": len(items),
+                           **({"note": codec.note} if codec.note else {})}
     for item in items:
-        text = item["text"]
-        want = reference.encode(text)
-        got = codec.encode(text)
-        if got != want:
-            at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-            return {"tokenizer": codec.name, "status": "failed", "texts": len(items), "check": "encode",
-                    "first_mismatch": {"label": item["label"], "text": text, "at": at,
-                                       "ids": got[max(0, at - 3):at + 5], "reference_ids": want[max(0, at - 3):at + 5]},
-                    **({"note": codec.note} if codec.note else {})}
-        back, ref_back = codec.decode(bos + want), reference.decode(bos + want)
-        if back != ref_back:
-            return {"tokenizer": codec.name, "status": "failed", "texts": len(items), "check": "decode",
-                    "first_mismatch": {"label": item["label"], "text": text, "decoded": back,
-                                       "reference_decoded": ref_back},
-                    **({"note": codec.note} if codec.note else {})}
-    return {"tokenizer": codec.name, "status": "passed", "texts": len(items), **({"note": codec.note} if codec.note else {})}
+        found = mismatch(codec, reference, item["text"], bos)
+        if found is not None:
+            check = found.pop("check")
+            return {**row, "status": "failed", "check": check,
+                    "first_mismatch": {"label": item["label"], "text": item["text"], **found}}
+    return row
 
 
 def check_tokenizers(artifact: Path, manifest: dict[str, Any], hf: Any) -> dict[str, Any]:
