@@ -143,12 +143,25 @@ class WeightSource:
         dest.mkdir()
         for name in TOKENIZER_FILES:
             if (self.tokenizer_dir / name).is_file():
-                shutil.copy2(self.tokenizer_dir / name, dest / name)
+                shutil.copy2(self.inside(self.tokenizer_dir / name), dest / name)
         known = identify(dest / SPM_FILE) if (dest / SPM_FILE).is_file() else None
         return {"kind": "copied", "mistral_common_file": known,
                 "instruct_version": version_of(known) if known else None,
                 "chat_template": "chat_template" in _json_or_empty(dest / "tokenizer_config.json")
                 or (dest / "chat_template.jinja").is_file()}
+
+    def inside(self, path: Path) -> Path:
+        """path, refused when a symbolic link takes it out of the checkpoint: its tokenizer files are copied
+        into the artifact byte for byte, so a link to any other file would ship that file. A hub snapshot's
+        links into its own repository's blobs stay inside."""
+        root = self.folder.resolve() if self.folder is not None else None
+        if root is not None and self.hub_id is not None:
+            root = root.parent.parent  # models--owner--name/snapshots/<sha> -> models--owner--name
+        target = path.resolve()
+        if root is None or not target.is_relative_to(root):
+            raise CheckpointError(f"{path} is a symbolic link to {target}, outside the checkpoint {root}; "
+                                  "copy the file itself into the folder")
+        return path
 
     def fingerprint(self) -> str:
         """Content identity: hashes of the files, or the preset name and seed."""

@@ -106,7 +106,7 @@ class ConsolidatedFolder(CheckpointFolder):
                     and (self.folder / n).is_file()), None)
         if spm is None:
             return None
-        return {**write_hf_files(spm, dest, version_of(spm.name)), "source": spm.name}
+        return {**write_hf_files(self.inside(spm), dest, version_of(spm.name)), "source": spm.name}
 
     def _config(self) -> MistralConfig:
         path = self.folder / PARAMS

@@ -136,6 +136,7 @@ def test_generate_with_tokenizer_and_bad_prompts(tmp_path: Path) -> None:
     assert (out / "tokenizer" / "tokenizer.json").is_file()
     result = run("generate", str(out), "--prompt", "w1 w2 w3 w4 w5", "--max-new-tokens", "3")
     assert result.exit_code == 0 and "3 new" in result.output
-    for bad in (["--prompt-ids", "1,x"], ["--prompt-ids", "1,9999"], [], ["--prompt-ids", "1", "--prompt", "a"]):
+    for bad in (["--prompt-ids", "1,x"], ["--prompt-ids", "1,9999"], [], ["--prompt-ids", "1", "--prompt", "a"],
+                ["--prompt", "a", "--system", "s"], ["--prompt", "a", "--chat", "b"]):
         result = run("generate", str(out), *bad)
         assert result.exit_code == 2, bad

@@ -292,3 +292,25 @@ def test_tied_config_with_a_stored_lm_head_matches_transformers(tmp_path: Path) 
                                     pad_token_id=0)[0, len(prompt):].tolist()
     print("ours", ours, "transformers", theirs)
     assert ours == theirs and read_manifest(out)["model"]["config"]["tie_word_embeddings"] is False
+
+
+def test_a_tokenizer_file_linked_out_of_the_checkpoint_is_refused(tmp_path: Path) -> None:
+    """Tokenizer files are copied into the artifact byte for byte: a link to another file would ship it."""
+    from tests.conftest import save_tokenizer
+
+    folder = save_checkpoint(hf_model(), tmp_path / "ckpt")
+    save_tokenizer(folder, 96)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not the checkpoint's")
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "tokenizer_config.json").symlink_to(secret)
+    out = tmp_path / "out"
+    refused(run("build", "--target", "reference", "--checkpoint", str(folder), "--out", str(out), "--no-validate"),
+            "outside the checkpoint")
+    assert not out.exists()
+    # A link that stays inside the folder is the checkpoint's own file.
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "copy.json").write_text("{}")
+    (folder / "tokenizer_config.json").symlink_to("copy.json")
+    assert run("build", "--target", "reference", "--checkpoint", str(folder), "--out", str(out),
+               "--no-validate").exit_code == 0

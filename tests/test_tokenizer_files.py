@@ -89,3 +89,23 @@ def test_a_file_that_is_not_sentencepiece_is_refused(tmp_path: Path) -> None:
     bad.write_bytes(b"\x08\x96\x01 not a model")
     with pytest.raises(CheckpointError, match="not a SentencePiece model"):
         write_hf_files(bad, tmp_path / "out", "v3")
+
+
+def test_a_sentencepiece_model_that_is_not_bpe_is_refused(tmp_path: Path) -> None:
+    import sentencepiece as spm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog, then sleeps in the sun.\n" * 50)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "uni"), model_type="unigram",
+                                   vocab_size=34, minloglevel=2)
+    with pytest.raises(CheckpointError, match="not BPE"):
+        write_hf_files(tmp_path / "uni.model", tmp_path / "out", None)
+
+
+def test_a_preset_tokenizer_missing_from_mistral_common_is_a_clear_error(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import exporter.tokenizer as tokenizer
+
+    monkeypatch.setattr(tokenizer, "mistral_common_data", lambda: tmp_path)
+    with pytest.raises(CheckpointError, match="mistral-common has no tokenizer file tokenizer.model.v1"):
+        PresetWeights("tiny").write_tokenizer(tmp_path / "out")
