@@ -8,13 +8,14 @@ refused before any file is opened.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import platform
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -41,6 +42,14 @@ def tool_versions(runtime_packages: tuple[str, ...] = ()) -> dict[str, Any]:
     return {"mistral_export": __version__, "python": platform.python_version(),
             "torch": package_version("torch"),
             **{name: package_version(name) for name in runtime_packages}}
+
+
+def artifact_id(manifest: Mapping[str, Any], exclude: Collection[str] = ()) -> str:
+    """The artifact's identity: sha256 over its listed files' paths and hashes (those in exclude,
+    such as the reports a validation run rewrites, left out), so that the same artifact validated
+    on two machines has one id."""
+    files = sorted([f["path"], f["sha256"]] for f in manifest["files"] if f["path"] not in exclude)
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
 
 def json_safe(value: Any) -> Any:

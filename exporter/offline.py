@@ -19,6 +19,8 @@ def disable_telemetry() -> None:
     # huggingface_hub (hub ids, transformers' tokenizers): the local cache only, no telemetry.
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    # Ray (the matrix's cluster executor) reports usage statistics unless told not to.
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     if "openvino_telemetry" not in sys.modules:
         sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # import now raises ImportError
     ort = sys.modules.get("onnxruntime")

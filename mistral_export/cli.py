@@ -452,3 +452,7 @@ def main() -> int:
     from mistral_export.entry import main as entry_main
 
     return entry_main()
+
+
+# Registered last: they build on the helpers above (matrix, report merge, report diff).
+from mistral_export import cli_matrix  # noqa: E402,F401

@@ -42,6 +42,7 @@ class BuildRequest:
     force: bool = False
     options: dict[str, str] = field(default_factory=dict)
     use_cache: bool = True
+    job: dict[str, Any] | None = None  # a matrix job's key and spec, recorded in the manifest
 
 
 @dataclass
@@ -133,6 +134,8 @@ def _build(req: BuildRequest, progress: Progress, validator: Validator | None, s
             "lower_seconds": round(time.perf_counter() - start, 3),
             "validation": {"status": "not-run"},
         }
+        if req.job is not None:
+            manifest["job"] = req.job
         manifest = write_manifest(stage, manifest)
         if validator is not None:
             manifest["validation"] = validator(stage, manifest, progress)

@@ -24,6 +24,7 @@ from exporter.contract import cache_contract, canonical_io
 from exporter.errors import ArtifactError
 from exporter.trace import bind, save_program
 from targets.base import LowerInput, Lowered, check_supported
+from targets.resources import ExportMemory
 
 PROGRAM_FILE = "program.pt2"
 WEIGHTS_FILE = "model.safetensors"
@@ -78,6 +79,9 @@ class ReferenceTarget:
     devices = ("cpu", "cuda")
     precisions = ("fp32", "fp16", "bf16")
     options_type = ReferenceOptions
+    # Binds the program's fp32 weights and writes them (declared, not measured).
+    export_memory = ExportMemory(fp32_factor=1.0, output_factor=1.0)
+    device_resources = {"cuda": "GPU"}
 
     def check_available(self) -> str | None:
         return None

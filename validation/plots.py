@@ -7,16 +7,17 @@ import io
 from typing import Any
 
 
-def _figure(width: float) -> tuple[Any, Any]:
+def figure(width: float, cols: int = 2, height: float = 3.5) -> tuple[Any, Any]:
+    """pyplot (headless) and a new figure with `cols` axes side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt, plt.subplots(1, 2, figsize=(width, 3.5))
+    return plt, plt.subplots(1, cols, figsize=(width, height))
 
 
-def _png(plt: Any, fig: Any) -> bytes:
+def png(plt: Any, fig: Any) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
@@ -28,7 +29,7 @@ def latency(report: dict[str, Any]) -> bytes | None:
     lat = report["latency"]
     if lat["status"] != "measured":
         return None
-    plt, (fig, (left, right)) = _figure(9)
+    plt, (fig, (left, right)) = figure(9)
     for ax, rows, x, title in ((left, lat["prefill"], "tokens", "prefill (TTFT)"),
                                (right, lat["decode"], "fill", "decode per token")):
         xs = [r[x] for r in rows]
@@ -40,7 +41,7 @@ def latency(report: dict[str, Any]) -> bytes | None:
         ax.legend()
     a = report["artifact"]
     fig.suptitle(f"{a['target']} {a['precision']} on {report['fingerprint']['cpu'][:50]} ({lat['level']})", fontsize=9)
-    return _png(plt, fig)
+    return png(plt, fig)
 
 
 def parity(report: dict[str, Any]) -> bytes | None:
@@ -49,7 +50,7 @@ def parity(report: dict[str, Any]) -> bytes | None:
                 and p[name].get("corpus")]
     if not sections:
         return None
-    plt, (fig, (left, right)) = _figure(9)
+    plt, (fig, (left, right)) = figure(9)
     percent = list(range(101))
     for name, part in sections:
         q = part["corpus"]["kl_quantiles"]
@@ -70,4 +71,4 @@ def parity(report: dict[str, Any]) -> bytes | None:
     a = report["artifact"]
     fig.suptitle(f"{a['target']} {a['precision']}: corpus of {sections[0][1]['corpus']['positions']} positions "
                  f"({p['level']})", fontsize=9)
-    return _png(plt, fig)
+    return png(plt, fig)

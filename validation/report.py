@@ -53,7 +53,9 @@ REPORT_SCHEMA: dict[str, Any] = {
     "properties": {
         "schema": {"const": "mistral-export/validation-report"},
         "schema_version": {"const": REPORT_SCHEMA_VERSION},
-        "artifact": {"type": "object", "required": ["target", "precision", "device", "model"]},
+        # id: sha256 over the artifact's files but the reports (exporter.manifest.artifact_id).
+        "artifact": {"type": "object", "required": ["id", "target", "precision", "device", "model"],
+                     "properties": {"id": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}},
         "fingerprint": {"type": "object", "required": ["cpu", "os", "runtime"]},
         "parity": {
             "type": "object", "required": ["status", "level"],

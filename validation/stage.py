@@ -13,7 +13,7 @@ from exporter.artifact import locked, rewrite
 from exporter.errors import NotMeasurable
 from exporter.config import MistralConfig
 from exporter.limits import check_caches_fit
-from exporter.manifest import listed_dir, read_manifest, write_manifest
+from exporter.manifest import artifact_id, listed_dir, read_manifest, write_manifest
 from exporter.trace_cache import caching
 from targets import registry
 from validation import latency, report
@@ -103,20 +103,20 @@ def _measure(artifact: Path, req: ValidateRequest, progress: Progress) -> tuple[
         lat = {"status": "measured", "level": level, **latency.measure(runner, cfg.vocab_size, progress=progress)}
     rep = {"schema": "mistral-export/validation-report", "schema_version": report.REPORT_SCHEMA_VERSION,
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "artifact": {"target": manifest["target"]["name"], "precision": manifest["target"]["precision"],
+           "artifact": {"id": artifact_id(manifest, report.FILES), "target": manifest["target"]["name"], "precision": manifest["target"]["precision"],
                         "device": device, "model": manifest["model"]["name"]},
            "fingerprint": latency.fingerprint(runner, manifest["tool"]),
            "parity": parity, "latency": lat}
     return manifest, rep
 
 
-def build_validator() -> Callable[[Path, dict[str, Any], Progress], dict[str, Any]]:
+def build_validator(latency: bool = True) -> Callable[[Path, dict[str, Any], Progress], dict[str, Any]]:
     """The build's last step: validate the staged artifact on its build device. An artifact that
     cannot run here is recorded as not validated, with the reason, and the build still succeeds."""
 
     def run(stage: Path, manifest: dict[str, Any], progress: Progress) -> dict[str, Any]:
         try:
-            return summary(validate_artifact(stage, ValidateRequest(), progress, in_place=True))
+            return summary(validate_artifact(stage, ValidateRequest(latency=latency), progress, in_place=True))
         except NotMeasurable as exc:
             return {"status": "not-run", "reason": str(exc)}
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from targets.base import LowerInput, Lowered, check_supported
 from targets.onnxruntime import kernels
+from targets.resources import ExportMemory
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -49,6 +50,9 @@ class OnnxRuntimeTarget:
     support_table = kernels.SUPPORT
     options_type = OnnxRuntimeOptions
     runtime_packages = ("onnxruntime", "onnxruntime-gpu", "onnx", "onnxscript", "onnx-ir")
+    # Streams each tensor into external data: baseline + a tensor in flight (1.0-1.65 GiB at 7B).
+    export_memory = ExportMemory(tensors_in_flight=2)
+    device_resources = {"cuda": "GPU"}
 
     def check_available(self) -> str | None:
         try:

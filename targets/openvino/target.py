@@ -16,6 +16,7 @@ from targets.base import LowerInput, Lowered, check_supported
 from targets.openvino import compress, convert, runner, stateful, tokenizer, weights
 from targets.openvino.options import (DEVICES, PRECISIONS, SUPPORT_TABLE, OpenVinoOptions, check_options,
                                       runtime_hints)
+from targets.resources import ExportMemory
 
 MODEL_XML = "openvino_model.xml"
 KERNEL = "ScaledDotProductAttention"
@@ -41,6 +42,9 @@ class OpenVinoTarget:
     support_table = SUPPORT_TABLE
     options_type = OpenVinoOptions
     runtime_packages = ("openvino", "nncf", "openvino-tokenizers", "openvino-genai")
+    # save_model serialises an in-memory model: output weights + baseline (1.11-1.22x the output at 7B).
+    export_memory = ExportMemory(output_factor=1.25, tensors_in_flight=2)
+    device_resources = {"gpu": "intel_gpu", "npu": "intel_npu"}
 
     def check_available(self) -> str | None:
         try:

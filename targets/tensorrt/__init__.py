@@ -24,6 +24,7 @@ from typing import Any
 from exporter.contract import cache_contract, canonical_io
 from exporter.errors import NotMeasurable, UserError
 from targets.base import LowerInput, Lowered, check_supported
+from targets.resources import ExportMemory
 
 PLAN_FILE = "engine_plan.json"
 SCRIPT_FILE = "build_engine.sh"
@@ -62,6 +63,13 @@ class TensorRTTarget:
     precisions = ("fp16", "bf16", "fp32")
     options_type = TensorRTOptions
     runtime_packages = ("tensorrt", "onnx", "onnxruntime")
+    # The ONNX streams as for ONNX Runtime (1.11 GiB at 7B); the engine builder reads the weights whole
+    # (declared, not measured here: no TensorRT on these machines).
+    export_memory = ExportMemory(output_factor=1.0, tensors_in_flight=2)
+
+    def job_resource(self, device: str, options: TensorRTOptions) -> str | None:
+        """An engine is built on the GPU it runs on; --onnx-only runs anywhere."""
+        return None if options.onnx_only else "GPU"
 
     def check_available(self) -> str | None:
         return _tensorrt_reason()
