@@ -34,7 +34,7 @@ from pipeline.multi import ALL_AVAILABLE, expand_targets
 from targets import registry
 from validation.markdown import bound_sign, fmt_value
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None,
                   help="Export a Mistral-architecture checkpoint to validated artifacts for each runtime.")
 # Plain text: messages carry user paths and names, which rich markup would reinterpret ("[/]").
 out = Console(soft_wrap=True, markup=False, highlight=False)

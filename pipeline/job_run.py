@@ -97,7 +97,7 @@ def run_job(job: Job, emit: Emit | None = None) -> dict[str, Any]:
                    traceback=traceback.format_exc())
     row["wall_s"] = round(time.perf_counter() - started, 2)
     row["peak_rss_mb"] = own_peak_rss_mb()
-    row["host"] = os.uname().nodename
+    row["host"], row["pid"] = os.uname().nodename, os.getpid()
     return row
 
 
