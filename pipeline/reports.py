@@ -81,7 +81,10 @@ def _cell(rep: dict[str, Any], source: Path) -> tuple[dict[str, Any], dict[str, 
     if not isinstance(art, dict) or not isinstance(art.get("id"), str) or not isinstance(fp, dict):
         raise UserError(f"{source} has no artifact.id (written by an older version); run `mistral-export "
                         "validate` on the artifact again")
-    machine = fp.get("device") or fp.get("cpu") or "unknown machine"
+    described = fp.get("device")  # the runner's own words: a string, or a dict with a name (OpenVINO)
+    if isinstance(described, dict):
+        described = described.get("name")
+    machine = described if isinstance(described, str) and described else fp.get("cpu") or "unknown machine"
     identity = {k: art.get(k) for k in ("id", "model", "target", "precision")}
     cell = {"device": f"{art.get('device')} on {machine}", "level": (rep.get("parity") or {}).get("level"),
             "latency_level": (rep.get("latency") or {}).get("level"),
