@@ -343,7 +343,10 @@ def _print_report(rep: dict[str, Any]) -> None:
     if lat["status"] == "measured":
         pre = ", ".join(f"T={r['tokens']}: {r['median_ms']:.2f} ms" for r in lat["prefill"])
         dec = ", ".join(f"fill {r['fill']}: {r['median_ms']:.2f} ms" for r in lat["decode"])
-        out.print(f"latency ({lat['level']}): prefill {pre}; decode {dec}; peak RSS {lat['peak_rss_mb']} MB")
+        out.print(f"latency ({lat['level']}, batch {lat['batch']}): prefill {pre}; decode {dec}; "
+                  f"peak RSS {lat['peak_rss_mb']} MB")
+        for note in lat.get("notes", []):
+            out.print(f"  note: {note}")
 
 
 @app.command("validate")
@@ -384,18 +387,38 @@ def validate_cmd(
                           f"(threshold {bound_sign(first)} {fmt_value(first['threshold'])})")
 
 
+def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers, e.g. 16,128,512; got {text!r}") from None
+
+
 @app.command("bench")
 @guarded
 def bench_cmd(
     artifact: Annotated[Path, typer.Argument(help="Artifact folder.")],
     device: Annotated[str | None, typer.Option(help="Device to run on [default: the artifact's].")] = None,
+    prompt_lengths: Annotated[str | None, typer.Option(help="Prefill (TTFT) prompt lengths, a,b,c [default: 16,128,512].")] = None,
+    fills: Annotated[str | None, typer.Option(help="Decode cache fills, a,b [default: 16,128,1024].")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per point (the median and p90 are reported).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed runs before each point.")] = 2,
+    batch: Annotated[int, typer.Option(help="Rows per prefill and decode step.")] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print report.json to stdout.")] = False,
 ) -> None:
-    """Latency only: prefill per chunk length, decode per cache fill, memory (writes the reports)."""
+    """Latency only: prefill per prompt length, decode per cache fill, memory (writes the reports).
+    Points the artifact cannot serve (past its capacity, its context or the positions its RoPE table
+    holds) are measured at the largest it can, with a note in the report."""
+    from validation.latency import LatencySettings
     from validation.stage import ValidateRequest, validate_artifact
 
+    settings = LatencySettings(prompt_lengths=_ints(prompt_lengths, "--prompt-lengths"), fills=_ints(fills, "--fills"),
+                               repeats=repeats, warmup=warmup, batch=batch)
+    settings.check()
     with progress_bar(not json_out) as bar:
-        rep = validate_artifact(artifact, ValidateRequest(device=device, parity=False), bar)
+        rep = validate_artifact(artifact, ValidateRequest(device=device, parity=False, latency_settings=settings), bar)
     if json_out:
         from exporter.manifest import dumps
         print(dumps(rep), end="")

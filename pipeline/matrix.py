@@ -47,14 +47,17 @@ def check_out(out: Path) -> None:
         raise UserError(f"--out {out} is a file; give a folder for the matrix's artifacts")
     if out.is_dir() and is_artifact(out):
         raise UserError(f"--out {out} is an artifact folder; give the folder that should hold the matrix's artifacts")
+    present = [out / name for name in FILES if (out / name).exists() or (out / name).is_symlink()]
+    if not present:
+        return
     previous = out / FILES[0]
-    if previous.exists() or previous.is_symlink():
-        try:
-            ours = not previous.is_symlink() and json.loads(previous.read_bytes()).get("schema") == SCHEMA
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
-            raise UserError(f"{previous} exists and is not a mistral-export matrix; choose another --out")
+    try:
+        ours = not previous.is_symlink() and json.loads(previous.read_bytes()).get("schema") == SCHEMA
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    links = [p for p in present if p.is_symlink()]
+    if not ours or links:
+        raise UserError(f"{(links or present)[0]} exists and is not a mistral-export matrix's; choose another --out")
 
 
 def plan(jobs: list[Job], rebuild: bool) -> tuple[list[Unit], list[dict[str, Any]]]:

@@ -209,6 +209,11 @@ def test_matrix_input_errors_are_one_line(tmp_path: Path) -> None:
     (foreign / "matrix.json").write_text('{"mine": true}')
     one_line_error(cli_run("matrix", "--target", "onnxruntime", "--out", str(foreign)), "is not a mistral-export matrix")
     assert json.loads((foreign / "matrix.json").read_text()) == {"mine": True}
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "matrix.md").write_text("my notes")
+    one_line_error(cli_run("matrix", "--target", "onnxruntime", "--out", str(notes)), "is not a mistral-export matrix")
+    assert (notes / "matrix.md").read_text() == "my notes"
 
 
 def test_unsupported_pairs_are_listed_not_run(tmp_path: Path, calibration_tiny: Path) -> None:

@@ -208,3 +208,54 @@ def test_fp16_on_cpu_with_rope_in_graph(model: Any, checkpoint: Path, reference:
     assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in graph.input if i.name.startswith("past"))
     result = _parity(model, artifact, "fp16", reference)
     assert result.passed, [str(f) for f in result.failures]
+
+
+def test_an_artifact_whose_trained_positions_equal_its_window_validates_and_benches(calibration_tiny: Path,
+                                                                                   tmp_path: Path) -> None:
+    """max_position_embeddings == sliding_window (Mistral 7B v0.1: 4096 both): the fused RoPE table holds
+    exactly the window, and validation and bench keep every position within it instead of crashing."""
+    import json
+
+    from .conftest import cli_build, cli_run
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(calibration_tiny, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = config["sliding_window"]
+    (folder / "config.json").write_text(json.dumps(config))
+    held = config["sliding_window"]
+    out = tmp_path / "art"
+    result = cli_build("onnxruntime", out, "--checkpoint", str(folder))
+    assert result.exit_code == 0, result.output
+    rep = json.loads((out / "report.json").read_text())
+    case = rep["parity"]["fidelity"]["case"]
+    assert rep["parity"]["status"] == "passed"
+    assert max(case["prompt_lengths"]) + case["new_tokens"] <= held < 2 * held + 3  # shortened, still past C
+    assert max(case["prompt_lengths"]) > held // 2
+    bench = cli_run("bench", str(out), "--json")
+    assert bench.exit_code == 0, bench.output
+    lat = json.loads(bench.stdout)["latency"]
+    steps = 2 + 8  # warmup + timed decode steps
+    assert lat["positions_held"] == held and lat["decode"]
+    assert all(r["fill"] + steps <= held for r in lat["decode"]) and all(r["tokens"] <= held for r in lat["prefill"])
+
+
+def test_bench_options_are_clipped_to_what_the_artifact_serves_and_recorded(fp32_artifact: Path) -> None:
+    import json
+
+    from .conftest import cli_run, one_line_error
+
+    manifest = json.loads((fp32_artifact / "manifest.json").read_text())
+    capacity = manifest["cache"]["capacity"]
+    result = cli_run("bench", str(fp32_artifact), "--prompt-lengths", f"3,{capacity * 10}", "--fills", "1,2",
+                     "--repeats", "2", "--warmup", "1", "--batch", "2", "--json")
+    assert result.exit_code == 0, result.output
+    lat = json.loads(result.stdout)["latency"]
+    assert [r["tokens"] for r in lat["prefill"]] == [3, capacity] and [r["fill"] for r in lat["decode"]] == [1, 2]
+    assert lat["batch"] == 2 and all(r["runs"] == 2 for r in lat["prefill"])
+    assert all(r["runs"] == 8 for r in lat["decode"])  # one sample per timed decode step
+    assert lat["settings"] == {"prompt_lengths": [3, capacity * 10], "fills": [1, 2], "repeats": 2, "warmup": 1,
+                               "decode_steps": 8, "batch": 2}
+    assert len(lat["notes"]) == 1 and f"measured at {capacity}" in lat["notes"][0]
+    one_line_error(cli_run("bench", str(fp32_artifact), "--fills", "0"), "--fills takes positive token counts")
+    one_line_error(cli_run("bench", str(fp32_artifact), "--prompt-lengths", "a,b"), "comma-separated integers")

@@ -36,10 +36,11 @@ def tokens(tokenizer: Any, vocab: int) -> tuple[list[int], str]:
     return [1 + b % (vocab - 1) for b in text().encode("utf-8")], "utf-8 bytes"
 
 
-def rows(ids: Sequence[int], capacity: int, window: int | None) -> list[list[int]]:
+def rows(ids: Sequence[int], capacity: int, window: int | None, held: int | None = None) -> list[list[int]]:
     """Consecutive rows of 2C + 3 tokens (with a window; else the whole context) covering the corpus,
     which is repeated where one row is longer than it."""
     length = 2 * capacity + 3 if window else capacity
+    length = min(length, held) if held is not None else length  # positions the artifact serves
     count = max(1, math.ceil(len(ids) / length))
     stream = list(ids) * math.ceil(count * length / len(ids))
     return [stream[i * length:(i + 1) * length] for i in range(count)]

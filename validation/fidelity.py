@@ -27,7 +27,7 @@ from targets import registry
 from targets.base import Readback, Runner
 from validation import corpus
 from validation.gates import GateFailureItem, corpus_failures, gates_for, loosest
-from validation.parity import ParityResult, compare, default_case
+from validation.parity import ParityResult, compare, default_case, positions_held
 from validation.reference import EagerRunner, reference_dtype, source_from_manifest
 
 QUANTIZED = ("int8", "int4", "palette4")
@@ -79,11 +79,12 @@ def check_parity(artifact: Path, manifest: dict[str, Any], runner: Runner, token
     references: dict[str, Runner] = {"fidelity": EagerRunner(cfg, capacity, artifact_weights, dtype)}
     if readback is not None:
         references["quality"] = EagerRunner(cfg, capacity, float_weights, dtype)
-    case = default_case(runner.capacity, runner.window, cfg.vocab_size, tokenizer, req.new_tokens)
+    held = positions_held(runner)
+    case = default_case(runner.capacity, runner.window, cfg.vocab_size, tokenizer, req.new_tokens, held=held)
     rows_name = {"fidelity": row(fidelity_row), "quality": row(quality_row)}
     results = {name: compare(ref, runner, case, rows_name[name][1], progress) for name, ref in references.items()}
     ids, ids_source = corpus.tokens(tokenizer, cfg.vocab_size)
-    positions = corpus.run(runner, references, corpus.rows(ids, runner.capacity, runner.window), case.chunk, progress)
+    positions = corpus.run(runner, references, corpus.rows(ids, runner.capacity, runner.window, held), case.chunk, progress)
     sections = {name: _section(results[name], rows_name[name][0], positions[name],
                                readback if name == "fidelity" else None,
                                ("the artifact's own weights, read back and dequantized" if readback and name == "fidelity"

@@ -97,6 +97,8 @@ def render(report: dict[str, Any]) -> str:
         lines += ["", "| decode at cache fill | median ms/token | p90 ms | tokens/s |", "|---|---|---|---|"]
         lines += [f"| {r['fill']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['tokens_per_s']:.1f} |"
                   for r in lat["decode"]]
+        lines += [f"\nBatch {lat['batch']}, {lat['repeats']} timed runs after {lat['warmup']} warm-up per point."]
+        lines += [f"Note: {note}." for note in lat.get("notes", [])]
         lines += ["", f"Peak host RSS (process): {lat['peak_rss_mb']} MB; device memory: "
                       f"{lat['device_memory_mb'] if lat['device_memory_mb'] is not None else 'n/a'}", "",
                   "![latency](latency.png)", ""]

@@ -42,11 +42,24 @@ class ParityCase:
                 "chunk": self.chunk, "source": self.source}
 
 
-def prompt_lengths(capacity: int, window: int | None, new_tokens: int) -> list[int]:
-    """With a window: 2C + 3 and C + 1 tokens (crossing the window and two chunk edges).
-    Without: the context bounds everything, so the rows fill most of it and half of it."""
+def positions_held(runner: Any) -> int | None:
+    """The positions an artifact can serve at most (an ONNX Runtime fused RoPE table holds
+    max_position_embeddings), or None when only the cache rules bound them."""
+    return getattr(runner, "max_positions", None)
+
+
+def prompt_lengths(capacity: int, window: int | None, new_tokens: int, held: int | None = None) -> list[int]:
+    """With a window: 2C + 3 and C + 1 tokens (crossing the window and two chunk edges), shortened
+    to the positions the artifact holds. Without: the context bounds everything, so the rows fill
+    most of it and half of it."""
     if window:
-        return [2 * capacity + 3, capacity + 1]
+        lengths = [2 * capacity + 3, capacity + 1]
+        if held is not None:
+            if held - new_tokens < 2:
+                raise ValueError(f"the artifact holds {held} positions, too few to validate {new_tokens} new tokens")
+            first, second = (min(n, held - new_tokens) for n in lengths)
+            lengths = [first, second if second < first else first // 2 + 1]  # still a ragged batch
+        return lengths
     longest = capacity - new_tokens
     if longest < 2:
         raise ValueError(f"context {capacity} is too small to validate {new_tokens} new tokens")
@@ -54,8 +67,10 @@ def prompt_lengths(capacity: int, window: int | None, new_tokens: int) -> list[i
 
 
 def default_case(capacity: int, window: int | None, vocab: int, tokenizer: Any = None,
-                 new_tokens: int = 20, lengths: Sequence[int] | None = None) -> ParityCase:
-    lengths = list(lengths or prompt_lengths(capacity, window, new_tokens))
+                 new_tokens: int = 20, lengths: Sequence[int] | None = None, held: int | None = None) -> ParityCase:
+    if held is not None and not lengths:
+        new_tokens = min(new_tokens, max(1, held // 4))  # a short table leaves room for prompts too
+    lengths = list(lengths or prompt_lengths(capacity, window, new_tokens, held))
     # Prefill chunks of C (the longest a target takes) up to PREFILL_STEP tokens, which bounds the
     # reference's activations and each step's logits at scale; rows still cross the window.
     step = min(capacity, PREFILL_STEP)

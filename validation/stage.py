@@ -35,6 +35,7 @@ class ValidateRequest:
     reference_dtype: str = "auto"
     new_tokens: int = 20
     use_cache: bool = True  # the runtimes' compiled-model caches (OpenVINO); the reference never uses one
+    latency_settings: latency.LatencySettings | None = None  # bench's points, repeats, batch
 
 
 def summary(rep: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +101,7 @@ def _measure(artifact: Path, req: ValidateRequest, progress: Progress) -> tuple[
         parity["status"] = "failed" if parity["failures"] else parity["status"]
     lat: dict[str, Any] = {"status": "not-run", "level": level}
     if req.latency:
-        lat = {"status": "measured", "level": level, **latency.measure(runner, cfg.vocab_size, progress=progress)}
+        lat = {"status": "measured", "level": level, **latency.measure(runner, cfg.vocab_size, req.latency_settings, progress)}
     rep = {"schema": "mistral-export/validation-report", "schema_version": report.REPORT_SCHEMA_VERSION,
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "artifact": {"id": artifact_id(manifest, report.FILES), "target": manifest["target"]["name"], "precision": manifest["target"]["precision"],

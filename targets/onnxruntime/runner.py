@@ -105,6 +105,8 @@ class GqaRunner(_BaseRunner):
         super().__init__(sess, device, capacity, window, cache, threads)
         self.buffer_rows = buffer_rows
         self.rotary_rows = rotary_rows
+        # Positions the artifact can serve (validation and bench keep within them): the fused RoPE table.
+        self.max_positions = rotary_rows
         self.lengths = np.zeros(0, dtype=np.int64)
 
     def reset(self, batch_size: int) -> None:
