@@ -40,9 +40,21 @@ def leftovers(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A local Ray cluster of 2 CPUs; its workers share the session's trace cache."""
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The session's trace cache for the module-scoped runs (set before the per-test fixture runs), so no
+    job reads the user's own cache."""
+    saved = os.environ.get("MISTRAL_EXPORT_CACHE")
     os.environ["MISTRAL_EXPORT_CACHE"] = str(tmp_path_factory.getbasetemp() / "trace-cache")
+    yield
+    if saved is None:
+        os.environ.pop("MISTRAL_EXPORT_CACHE", None)
+    else:
+        os.environ["MISTRAL_EXPORT_CACHE"] = saved
+
+
+@pytest.fixture(scope="module")
+def cluster(session_cache: Any) -> Any:
+    """A local Ray cluster of 2 CPUs; its workers share the session's trace cache."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
@@ -50,7 +62,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory: pytest.TempPathFactory, calibration_tiny: Path) -> tuple[Path, dict[str, Any]]:
+def local_run(session_cache: Any, tmp_path_factory: pytest.TempPathFactory,
+              calibration_tiny: Path) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("matrix-local")
     result, summary = matrix(out, calibration_tiny, "--executor", "local")
     assert result.exit_code == 0, result.output

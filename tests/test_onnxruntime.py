@@ -259,3 +259,15 @@ def test_bench_options_are_clipped_to_what_the_artifact_serves_and_recorded(fp32
     assert len(lat["notes"]) == 1 and f"measured at {capacity}" in lat["notes"][0]
     one_line_error(cli_run("bench", str(fp32_artifact), "--fills", "0"), "--fills takes positive token counts")
     one_line_error(cli_run("bench", str(fp32_artifact), "--prompt-lengths", "a,b"), "comma-separated integers")
+
+
+def test_the_graph_names_no_local_path(fp32_artifact: Path) -> None:
+    """The exporter's per-node stack traces carry absolute source paths: the same inputs must give the
+    same bytes wherever the tool is installed (and ship no local path)."""
+    import exporter
+
+    root = str(Path(exporter.__file__).resolve().parent.parent).encode()
+    data = (fp32_artifact / "model.onnx").read_bytes()
+    assert root not in data and b"pkg.torch.onnx.stack_trace" not in data
+    model = onnx.load(str(fp32_artifact / "model.onnx"), load_external_data=False)
+    assert any(p.key == "namespace" for n in model.graph.node for p in n.metadata_props)  # the rest is kept

@@ -26,6 +26,8 @@ from exporter.attention import CACHED_ATTENTION_OP, decompose
 from exporter.config import MistralConfig
 from targets.onnxruntime.translate import gqa_translation
 
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
 OPSET = 23  # the lowest opset with the standard Attention op (the fallback); ORT 1.32 loads 23-28
 WEIGHT_META = "mistral_export.weight"  # Value.meta key: the canonical weight names a value is made of
 
@@ -74,6 +76,10 @@ def to_onnx(program: ExportedProgram, cfg: MistralConfig, capacity: int, attenti
         fuse_rms_normalization(model)
         fuse_skip_rms_normalization(model)
         onnxscript.optimizer.optimize(model)
+    # The exporter records each node's Python stack trace, absolute source paths included: dropped, so
+    # the same inputs give the same bytes wherever the tool is installed (and no local path ships).
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        node.metadata_props.pop(STACK_TRACE, None)
     return model
 
 
