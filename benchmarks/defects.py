@@ -57,8 +57,8 @@ def swapped_kv_heads() -> Iterator[None]:
 
     real = build_module.open_source
 
-    def opened(checkpoint: Path | None, preset_name: str | None) -> Any:
-        source = real(checkpoint, preset_name)
+    def opened(checkpoint: Path | None, preset_name: str | None, adapter: Path | None = None) -> Any:
+        source = real(checkpoint, preset_name, adapter)
         d = source.config.head_dim
         tensor = source.tensor
         source.tensor = lambda name, dtype: _swap_heads(name, tensor(name, dtype), d)  # type: ignore[method-assign]

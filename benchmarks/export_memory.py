@@ -5,6 +5,7 @@ the peers' exporters on the same checkpoint, each in its own child process measu
     python benchmarks/export_memory.py --checkpoint /data/m7b --targets onnxruntime:fp16,onnxruntime:int4,openvino:fp16
     python benchmarks/export_memory.py --checkpoint /data/m1b --peers --genai-python .venv/bin/python \\
         --optimum-cli /work/venv-optimum/bin/optimum-cli
+    python benchmarks/export_memory.py --checkpoint /data/m1b --adapter /data/m1b-lora   # with and without
 
 Prints a table with the ratio of peak RSS to the output's weight bytes (goal: <= 1.25x plus a small
 constant for ONNX Runtime and OpenVINO).
@@ -40,16 +41,21 @@ def measure(cmd: list[str], out: Path) -> dict[str, float | str]:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         reason = lines[-1][:200] if lines else f"exit code {proc.returncode} (killed by the OS, e.g. out of memory?)"
         return {"error": reason, "wall_s": wall, "peak_rss_gb": peak_kb / 2**20}
+    if not out.is_dir():  # a command that exits 0 without writing must not read as a zero-byte build
+        return {"error": f"exit code 0 but nothing was written at {out}", "wall_s": wall, "peak_rss_gb": peak_kb / 2**20}
     size = weight_bytes(out)
     shutil.rmtree(out, ignore_errors=True)
     return {"peak_rss_gb": peak_kb / 2**20, "wall_s": wall, "weights_gb": size / 2**30,
             "ratio": (peak_kb * 1024) / size if size else float("nan")}
 
 
-def ours(checkpoint: Path, target: str, precision: str, workdir: Path) -> dict[str, float | str]:
+def ours(checkpoint: Path, target: str, precision: str, workdir: Path,
+         adapter: Path | None = None) -> dict[str, float | str]:
     out = workdir / f"ours-{target}-{precision}"
-    cmd = [sys.executable, "-m", "mistral_export.cli", "build", "--target", target, "--precision", precision,
+    cmd = [sys.executable, "-m", "mistral_export.entry", "build", "--target", target, "--precision", precision,
            "--checkpoint", str(checkpoint), "--out", str(out), "--force", "--no-validate"]
+    if adapter is not None:
+        cmd += ["--adapter", str(adapter)]
     if target == "tensorrt":  # the engine needs a GPU; the export is the engine-ready ONNX
         cmd.append("--onnx-only")
     return measure(cmd, out)
@@ -75,6 +81,8 @@ def main() -> int:
     parser.add_argument("--targets", default="onnxruntime:fp16,onnxruntime:int4,openvino:fp16,openvino:int4",
                         help="comma-separated target:precision pairs")
     parser.add_argument("--peers", action="store_true", help="also run the peers' exporters")
+    parser.add_argument("--adapter", type=Path, default=None,
+                        help="also build each target with this LoRA adapter merged (benchmarks/make_adapter.py)")
     parser.add_argument("--genai-python", default=sys.executable, help="python with onnxruntime-genai")
     parser.add_argument("--optimum-cli", default="optimum-cli", help="optimum-cli of a venv with optimum-intel")
     parser.add_argument("--optimum-checkpoint", type=Path, default=None,
@@ -89,6 +97,10 @@ def main() -> int:
         target, precision = pair.split(":")
         rows.append((f"mistral-export {target}", precision, ours(args.checkpoint, target, precision, workdir)))
         print(f"{rows[-1][0]} {precision}: {rows[-1][2]}", flush=True)
+        if args.adapter is not None:
+            rows.append((f"mistral-export {target} + LoRA", precision,
+                         ours(args.checkpoint, target, precision, workdir, args.adapter)))
+            print(f"{rows[-1][0]} {precision}: {rows[-1][2]}", flush=True)
     if args.peers:
         precisions = args.peer_precisions.split(",")
         for precision in precisions:

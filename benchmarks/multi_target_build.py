@@ -25,7 +25,7 @@ def main() -> int:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    cli = [sys.executable, "-m", "mistral_export.cli", "build", "--preset", args.preset, "--no-cache",
+    cli = [sys.executable, "-m", "mistral_export.entry", "build", "--preset", args.preset, "--no-cache",
            "--no-validate", "--force", "--precision", "fp32"]
     together, separate = [], []
     for _ in range(args.rounds):  # interleaved rounds, so drift hits both alike

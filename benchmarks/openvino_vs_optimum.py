@@ -70,7 +70,7 @@ def run(cmd: list[str]) -> None:
 def export_ours(checkpoint: Path, out: Path, precision: str, options: tuple[str, ...]) -> None:
     if (out / "manifest.json").is_file():
         return
-    run([sys.executable, "-m", "mistral_export.cli", "build", "--target", "openvino", "--checkpoint", str(checkpoint),
+    run([sys.executable, "-m", "mistral_export.entry", "build", "--target", "openvino", "--checkpoint", str(checkpoint),
          "--precision", precision, "--out", str(out), "--force", "--no-validate",
          *[arg for option in options for arg in ("--option", option)]])
 

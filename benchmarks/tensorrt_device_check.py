@@ -63,7 +63,7 @@ def main() -> int:
     print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     reason = _tensorrt_reason()
-    cli = [sys.executable, "-m", "mistral_export.cli"]
+    cli = [sys.executable, "-m", "mistral_export.entry"]
     engine = args.out / "tensorrt-fp16"
     if reason is None:
         code = run([*cli, "build", "--target", "tensorrt", "--precision", "fp16", "--out", str(engine), "--force"])

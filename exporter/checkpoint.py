@@ -104,6 +104,11 @@ class WeightSource:
     folder: Path | None = None  # where the files are, for sources read from disk
     hub_id: str | None = None  # the hub id it was resolved from in the local cache, if any
     tokenizer_dir: Path | None = None
+    adapter: Any = None  # the LoRA adapter merged into the weights (exporter.adapter.AdaptedWeights)
+
+    def origin(self) -> WeightSource:
+        """The checkpoint itself, without any adapter merged in."""
+        return self
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return expected_shapes(self.config)

@@ -46,9 +46,19 @@ def from_hub_cache(repo: str) -> Path:
             "it), or pass a local folder") from None
 
 
-def open_source(checkpoint: Path | None, preset_name: str | None) -> WeightSource:
+def open_source(checkpoint: Path | None, preset_name: str | None, adapter: Path | None = None) -> WeightSource:
     """The weight source the user named: a folder or a cached hub id wins over a preset; the default is
-    the tiny preset. A folder that exists is always read as a folder, whatever its name."""
+    the tiny preset. A folder that exists is always read as a folder, whatever its name. With an adapter,
+    its LoRA is merged into each weight as the weight is read."""
+    source = _base_source(checkpoint, preset_name)
+    if adapter is None:
+        return source
+    from exporter.adapter import AdaptedWeights
+
+    return AdaptedWeights(source, adapter)
+
+
+def _base_source(checkpoint: Path | None, preset_name: str | None) -> WeightSource:
     if checkpoint is not None and preset_name is not None:
         raise CheckpointError("give either --checkpoint or --preset, not both")
     if checkpoint is None:

@@ -103,12 +103,27 @@ def parse_kv(items: list[str]) -> dict[str, str]:
     return pairs
 
 
+def parse_adapters(items: list[str]) -> dict[str, Path]:
+    """--adapters name=DIR[,name=DIR...], repeatable, into {name: folder}; a name given twice is an error."""
+    named: dict[str, Path] = {}
+    for item in (part for raw in items for part in raw.split(",") if part.strip()):
+        name, sep, folder = item.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise UserError(f"--adapters takes name=DIR, got {item!r}")
+        if name.strip() in named:
+            raise UserError(f"--adapters names {name.strip()!r} twice; give each adapter its own name")
+        named[name.strip()] = Path(folder.strip())
+    return named
+
+
 @app.command("build")
 @guarded
 def build_cmd(
     target: Annotated[str, typer.Option(help="Target to lower to (see `mistral-export targets`); several as a,b,c or all-available: one trace, one artifact each under --out.")],
     checkpoint: Annotated[Path | None, typer.Option(help="A Hugging Face folder (config.json, *.safetensors), a Mistral download folder (params.json, consolidated.safetensors), or a hub id (owner/name[@revision]) already in the local Hugging Face cache; nothing is downloaded.")] = None,
     preset: Annotated[str | None, typer.Option(help="Built-in preset: tiny (default), mistral-7b-v0.1, mistral-7b-v0.3.")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors), merged into the weights as they stream; quantized precisions quantize the merged weights.")] = None,
+    adapters: Annotated[list[str] | None, typer.Option(help="Switchable LoRA adapters, name=DIR[,name2=DIR2] (repeatable): the graph takes their low-rank updates as inputs and each is written as adapters/<name>.onnx_adapter, which onnxruntime and onnxruntime-genai load (onnxruntime fp32).")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32, fp16, bf16, or a target's quantized precision (int8, int4) [default: the target's first, see `targets`].")] = None,
     device: Annotated[str | None, typer.Option(help="Device the artifact is built and validated for [default: the target's first, see `targets`].")] = None,
     max_context: Annotated[int, typer.Option(help="KV-cache capacity for models without a sliding window.")] = 2048,
@@ -127,7 +142,8 @@ def build_cmd(
             raise UserError("--onnx-only applies to --target tensorrt only")
         options["onnx_only"] = "true"
     req = BuildRequest(target=target, checkpoint=checkpoint, preset=preset, precision=precision, device=device,
-                       max_context=max_context, out=out_dir, force=force, options=options, use_cache=cache)
+                       max_context=max_context, out=out_dir, force=force, options=options, use_cache=cache,
+                       adapter=adapter, adapters=parse_adapters(adapters or []))
     validator = None
     if validate:
         from validation.stage import build_validator
@@ -274,6 +290,7 @@ def generate_cmd(
     system: Annotated[str | None, typer.Option(help="System prompt for --chat.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 16,
     device: Annotated[str | None, typer.Option(help="Device to run on [default: the artifact's].")] = None,
+    adapter: Annotated[str | None, typer.Option(help="Run with this switchable LoRA adapter of the artifact (built with --adapters) [default: the base model].")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print {\"token_ids\": [...], \"text\": ...} only "
                                                           "(text is null without a tokenizer).")] = False,
 ) -> None:
@@ -285,7 +302,7 @@ def generate_cmd(
 
     manifest = read_manifest(artifact)
     check_caches_fit(MistralConfig(**manifest["model"]["config"]), manifest["cache"]["capacity"], 1, 1, "generate")
-    manifest, runner = registry.load_runner(artifact, device)
+    manifest, runner = registry.load_runner(artifact, device, adapter)
     tokenizer = None
     if manifest["model"].get("tokenizer"):
         from validation.text import load_tokenizer
@@ -337,6 +354,10 @@ def _print_report(rep: dict[str, Any]) -> None:
         rows = ", ".join(f"{r['tokenizer']} {r['status']}" for r in tok.get("tokenizers", []))
         out.print(Text.assemble("  tokenizer ", (tok["status"], colors.get(tok["status"], "yellow")),
                                 f": {rows or tok.get('reason', '')}"))
+    for name, part in (p.get("adapters") or {}).items():
+        out.print(Text.assemble(f"  adapter {name} ", (part["status"], colors.get(part["status"], "yellow")),
+                                f": max_abs {fmt_value(part['fidelity']['worst'].get('max_abs'))} against the "
+                                "reference with it merged"))
     for f in p.get("failures", [])[:10]:
         out.print(Text.assemble("  ", ("FAIL", "red"), f" {f['section']}: {f['metric']} at {f['step']} = "
                                 f"{fmt_value(f['value'])} ({bound_sign(f)} {fmt_value(f['threshold'])})"))
@@ -356,6 +377,8 @@ def validate_cmd(
     device: Annotated[str | None, typer.Option(help="Device to validate on [default: the artifact's].")] = None,
     precision_gates: Annotated[str | None, typer.Option(help="Gate row for the comparison with the float checkpoint (quality; for float artifacts the only one): fp32, fp16, bf16, int8, int4 [default: the artifact's precision]. Fidelity of quantized artifacts is always gated by the row of the runtime's arithmetic.")] = None,
     reference_checkpoint: Annotated[Path | None, typer.Option(help="Original checkpoint, if not at its recorded path.")] = None,
+    reference_adapter: Annotated[Path | None, typer.Option(help="Original LoRA adapter folder (a merged --adapter), if not at its recorded path.")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(help="Switchable adapter to validate besides the base (repeatable); 'none' for the base alone [default: every adapter the artifact has].")] = None,
     reference_dtype: Annotated[str, typer.Option(help="Reference precision: auto (fp32 unless it would not fit in memory, then bf16 with gates no tighter than bf16's), fp32, bf16.")] = "auto",
     latency: Annotated[bool, typer.Option(help="Also measure latency.")] = True,
     cache: Annotated[bool, typer.Option(help="Let the runtime reuse its compiled-model cache (OpenVINO).")] = True,
@@ -370,7 +393,9 @@ def validate_cmd(
     if reference_dtype not in ("auto", "fp32", "bf16"):
         raise UserError(f"--reference-dtype must be auto, fp32 or bf16, got {reference_dtype!r}")
     req = ValidateRequest(device=device, precision_gates=precision_gates, latency=latency,
-                          reference_checkpoint=reference_checkpoint, reference_dtype=reference_dtype,
+                          reference_checkpoint=reference_checkpoint, reference_adapter=reference_adapter,
+                          reference_dtype=reference_dtype,
+                          adapters=None if not adapter else tuple(a for a in adapter if a != "none"),
                           use_cache=cache)
     with progress_bar(not json_out) as bar:
         rep = validate_artifact(artifact, req, bar)
@@ -406,6 +431,7 @@ def bench_cmd(
     repeats: Annotated[int, typer.Option(help="Timed runs per point (the median and p90 are reported).")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed runs before each point.")] = 2,
     batch: Annotated[int, typer.Option(help="Rows per prefill and decode step.")] = 1,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads of the runtime (onnxruntime, openvino) [default: the artifact's setting, else the runtime's].")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print report.json to stdout.")] = False,
 ) -> None:
     """Latency only: prefill per prompt length, decode per cache fill, memory (writes the reports).
@@ -415,7 +441,7 @@ def bench_cmd(
     from validation.stage import ValidateRequest, validate_artifact
 
     settings = LatencySettings(prompt_lengths=_ints(prompt_lengths, "--prompt-lengths"), fills=_ints(fills, "--fills"),
-                               repeats=repeats, warmup=warmup, batch=batch)
+                               repeats=repeats, warmup=warmup, batch=batch, threads=threads)
     settings.check()
     with progress_bar(not json_out) as bar:
         rep = validate_artifact(artifact, ValidateRequest(device=device, parity=False, latency_settings=settings), bar)

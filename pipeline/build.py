@@ -43,6 +43,8 @@ class BuildRequest:
     options: dict[str, str] = field(default_factory=dict)
     use_cache: bool = True
     job: dict[str, Any] | None = None  # a matrix job's key and spec, recorded in the manifest
+    adapter: Path | None = None  # a PEFT LoRA folder, merged into the weights
+    adapters: dict[str, Path] = field(default_factory=dict)  # PEFT LoRA folders by name, switchable at run time
 
 
 @dataclass
@@ -79,6 +81,24 @@ def resolve_target(req: BuildRequest) -> tuple[Target, Any, BuildRequest]:
     return target, options, req
 
 
+def runtime_adapters(target: Target, req: BuildRequest, source: WeightSource) -> dict[str, Any]:
+    """The --adapters to build in as switchable inputs, checked before any work starts."""
+    if not req.adapters:
+        return {}
+    precisions = getattr(target, "runtime_adapter_precisions", ())
+    if not precisions:
+        raise UserError(f"target '{target.name}' has no switchable LoRA adapters; merge one with --adapter DIR "
+                        "(onnxruntime and openvino build switchable ones)")
+    if req.precision not in precisions:
+        raise UserError(f"switchable LoRA adapters are built for {target.name} {', '.join(precisions)} only, not "
+                        f"{req.precision}; use --precision {precisions[0]}, or merge one adapter with --adapter DIR")
+    if source.adapter is not None:
+        raise UserError("give --adapter (merged) or --adapters (switchable), not both")
+    from exporter.adapter import open_runtime_adapters
+
+    return open_runtime_adapters(req.adapters, source)
+
+
 def default_name(source: WeightSource, target: str, precision: str) -> str:
     return f"{source.name}-{target}-{precision}"
 
@@ -97,10 +117,12 @@ def build(req: BuildRequest, progress: Progress | None = None, validator: Valida
 def _build(req: BuildRequest, progress: Progress, validator: Validator | None, source: WeightSource | None,
            traces: dict[str, TracedProgram] | None) -> BuildResult:
     target, options, req = resolve_target(req)
-    source = source or open_source(req.checkpoint, req.preset)
+    source = source or open_source(req.checkpoint, req.preset, req.adapter)
     capacity = capacity_for(source.config, req.max_context)
     out = req.out or ARTIFACTS_ROOT / default_name(source, target.name, req.precision)
-    protect = [source.folder] if source.folder is not None else []
+    adapter = source.adapter
+    runtime = runtime_adapters(target, req, source)
+    protect = [p for p in (source.folder, adapter.folder if adapter else None, *req.adapters.values()) if p is not None]
     check_out(out, req.force, protect)  # before any work; staged() checks again under the lock
     progress("tracing", 0.0)
     spec = TraceSpec(source.config, capacity, DTYPES[getattr(target, "trace_dtype", trace_dtype)(req.precision)])
@@ -117,12 +139,13 @@ def _build(req: BuildRequest, progress: Progress, validator: Validator | None, s
                             f"{source.config.vocab_size}; give the checkpoint's own tokenizer file")
         tokenizer_dir = stage / TOKENIZER_DIR if tokenizer is not None else None
         lowered = target.lower(LowerInput(trace.program, source.config, capacity, req.precision, source,
-                                          req.device, options, progress, tokenizer_dir), stage)
+                                          req.device, options, progress, tokenizer_dir, runtime), stage)
         manifest = {
-            "model": {"name": source.name, "source": source.fingerprint(), "config": source.config.to_dict(),
+            "model": {"name": source.name, "source": source.origin().fingerprint(), "config": source.config.to_dict(),
                       "path": str(source.folder.resolve()) if source.folder is not None else None,
                       "format": source.format, "hub_id": source.hub_id,
                       "checkpoint_files": [r.to_dict() for r in source.file_records()],
+                      "adapter": adapter.describe() if adapter else None,
                       "tokenizer": TOKENIZER_DIR if tokenizer is not None else None, "tokenizer_info": tokenizer},
             "tool": tool_versions(getattr(target, "runtime_packages", ())),
             "target": {"name": target.name, "device": req.device, "precision": req.precision,

@@ -39,7 +39,7 @@ def build_many(req: BuildRequest, names: list[str], progress_for: Callable[[str]
     """Build each target; a failing target is recorded and the others go on. `req.out` is the parent
     folder of the artifacts (default artifacts/)."""
     parent = req.out or ARTIFACTS_ROOT
-    source = open_source(req.checkpoint, req.preset)
+    source = open_source(req.checkpoint, req.preset, req.adapter)
     traces: dict[str, TracedProgram] = {}
     started = time.perf_counter()
     results = []

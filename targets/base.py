@@ -40,6 +40,7 @@ class LowerInput:
     options: Any
     progress: Progress = field(default=lambda message, fraction: None)
     tokenizer_dir: Path | None = None  # the artifact's tokenizer/ folder, already written, if it has one
+    adapters: dict[str, Any] = field(default_factory=dict)  # runtime LoRA adapters by name (exporter.adapter)
 
     def program(self) -> ExportedProgram:
         """A private copy of the weight-free program (placeholders are shared, they are tiny)."""

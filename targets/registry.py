@@ -43,12 +43,36 @@ def get(name: str) -> Target:
     return getattr(importlib.import_module(module), attr)()
 
 
-def load_runner(artifact: Path, device: str | None = None) -> tuple[dict[str, Any], Runner]:
-    """Verify an artifact's files against its manifest and open a runner on it."""
+def load_runner(artifact: Path, device: str | None = None, adapter: str | None = None,
+                threads: int | None = None) -> tuple[dict[str, Any], Runner]:
+    """Verify an artifact's files against its manifest and open a runner on it, with one of its
+    switchable LoRA adapters active if `adapter` names one, on `threads` intra-op threads if given."""
     manifest = read_manifest(artifact)
     target = get(manifest["target"]["name"])
     # Targets with option-dependent needs (TensorRT: engine or ONNX proxy) decide in load().
     reason = None if hasattr(target, "availability_for") else target.check_available()
     if reason:
         raise TargetUnavailable(f"artifact {artifact} needs target '{target.name}', not available here: {reason}")
-    return manifest, target.load(Path(artifact), manifest, device)
+    opened = manifest
+    if threads is not None:
+        option = getattr(target, "thread_option", None)
+        if option is None:
+            raise UserError(f"target '{target.name}' has no thread setting; run without --threads")
+        # The runner is opened as if built with that option; the returned manifest stays as verified.
+        opened = {**manifest, "target": {**manifest["target"],
+                                         "options": {**manifest["target"]["options"], option: threads}}}
+    runner = target.load(Path(artifact), opened, device)
+    if adapter is not None:
+        runner.set_adapter(adapter_file(artifact, manifest, adapter))  # type: ignore[attr-defined]
+    return manifest, runner
+
+
+def adapter_file(artifact: Path, manifest: dict[str, Any], name: str) -> Path:
+    """The file of a switchable adapter the manifest lists (inside the artifact, hash-checked)."""
+    from exporter.manifest import listed_file
+
+    adapters = manifest["target"].get("adapters") or {}
+    if name not in adapters:
+        known = ", ".join(sorted(adapters)) or "none: build with --adapters name=DIR to have some"
+        raise UserError(f"artifact {artifact} has no adapter {name!r}; its adapters: {known}")
+    return listed_file(Path(artifact), manifest, adapters[name]["file"])

@@ -248,17 +248,19 @@ def test_bench_options_are_clipped_to_what_the_artifact_serves_and_recorded(fp32
     manifest = json.loads((fp32_artifact / "manifest.json").read_text())
     capacity = manifest["cache"]["capacity"]
     result = cli_run("bench", str(fp32_artifact), "--prompt-lengths", f"3,{capacity * 10}", "--fills", "1,2",
-                     "--repeats", "2", "--warmup", "1", "--batch", "2", "--json")
+                     "--repeats", "2", "--warmup", "1", "--batch", "2", "--threads", "1", "--json")
     assert result.exit_code == 0, result.output
     lat = json.loads(result.stdout)["latency"]
+    assert json.loads(result.stdout)["fingerprint"]["threads"] == 1  # the session ran on one thread
     assert [r["tokens"] for r in lat["prefill"]] == [3, capacity] and [r["fill"] for r in lat["decode"]] == [1, 2]
     assert lat["batch"] == 2 and all(r["runs"] == 2 for r in lat["prefill"])
     assert all(r["runs"] == 8 for r in lat["decode"])  # one sample per timed decode step
     assert lat["settings"] == {"prompt_lengths": [3, capacity * 10], "fills": [1, 2], "repeats": 2, "warmup": 1,
-                               "decode_steps": 8, "batch": 2}
+                               "decode_steps": 8, "batch": 2, "threads": 1}
     assert len(lat["notes"]) == 1 and f"measured at {capacity}" in lat["notes"][0]
     one_line_error(cli_run("bench", str(fp32_artifact), "--fills", "0"), "--fills takes positive token counts")
     one_line_error(cli_run("bench", str(fp32_artifact), "--prompt-lengths", "a,b"), "comma-separated integers")
+    one_line_error(cli_run("bench", str(fp32_artifact), "--threads", "0"), "--threads")
 
 
 def test_the_graph_names_no_local_path(fp32_artifact: Path) -> None:

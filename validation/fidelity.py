@@ -28,7 +28,7 @@ from targets.base import Readback, Runner
 from validation import corpus
 from validation.gates import GateFailureItem, corpus_failures, gates_for, loosest
 from validation.parity import ParityResult, compare, default_case, positions_held
-from validation.reference import EagerRunner, reference_dtype, source_from_manifest
+from validation.reference import EagerRunner, reference_dtype, runtime_adapter_source, source_from_manifest
 
 QUANTIZED = ("int8", "int4", "palette4")
 Progress = Callable[[str, float], None]
@@ -49,15 +49,20 @@ def _section(result: ParityResult, gates_name: str, positions: corpus.Positions,
 
 
 def check_parity(artifact: Path, manifest: dict[str, Any], runner: Runner, tokenizer: Any, req: Any,
-                 progress: Progress) -> dict[str, Any]:
-    """The report's parity section: fidelity, then (quantized artifacts) quality, then the corpus."""
+                 progress: Progress, adapter: str | None = None) -> dict[str, Any]:
+    """The report's parity section: fidelity, then (quantized artifacts) quality, then the corpus. With
+    `adapter`, the runner runs that switchable adapter and the reference merges it."""
     cfg = MistralConfig(**manifest["model"]["config"])
     target = registry.get(manifest["target"]["name"])
     precision = manifest["target"]["precision"]
-    source = source_from_manifest(manifest, req.reference_checkpoint)
+    source = source_from_manifest(manifest, req.reference_checkpoint, req.reference_adapter)
+    if adapter is not None:
+        source = runtime_adapter_source(manifest, source, adapter)
     dtype = reference_dtype(manifest, req.reference_dtype)
     capacity = manifest["cache"]["capacity"]
     quantized = precision in QUANTIZED and hasattr(target, "readback")
+    if quantized and adapter is not None:  # the readback compares stored weights with the base's
+        raise NotImplementedError("switchable adapters over quantized weights are not validated")
     # A target may name a gate row other than its precision (Core ML fp32 keeps fp16 state).
     quality_row = req.precision_gates or manifest["target"].get("gates") or precision
     fidelity_row = target.fidelity_gates(manifest, runner) if quantized else quality_row

@@ -65,13 +65,14 @@ class LatencySettings:
     warmup: int = 2
     decode_steps: int = 8
     batch: int = 1
+    threads: int | None = None  # the runtime's intra-op threads; None: the artifact's setting
 
     def check(self) -> None:
         for name, values in (("--prompt-lengths", self.prompt_lengths), ("--fills", self.fills)):
             if values is not None and (not values or min(values) < 1):
                 raise UserError(f"{name} takes positive token counts, e.g. 16,128,512; got {list(values)}")
         for name, value, least in (("--repeats", self.repeats, 1), ("--warmup", self.warmup, 0),
-                                   ("--batch", self.batch, 1)):
+                                   ("--batch", self.batch, 1), ("--threads", 1 if self.threads is None else self.threads, 1)):
             if value < least:
                 raise UserError(f"{name} must be at least {least}, got {value}")
 

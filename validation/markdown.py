@@ -74,6 +74,19 @@ def _section(name: str, part: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _adapters(adapters: dict[str, Any]) -> list[str]:
+    """One row per switchable adapter: the runner with it active against the reference with it merged."""
+    lines = ["### Switchable adapters", "", "Each runs in the artifact's runner with the adapter active, against the "
+             "reference with the same adapter merged into the weights (fidelity gates).", "",
+             "| adapter | status | max abs | KL | top-1 | corpus mean KL |", "|---|---|---|---|---|---|"]
+    for name, part in adapters.items():
+        worst, corpus = part["fidelity"]["worst"], part["fidelity"].get("corpus") or {}
+        lines.append(f"| {name} | **{part['status']}** | {fmt_value(worst.get('max_abs'))} | "
+                     f"{fmt_value(worst.get('kl'))} | {fmt_value(worst.get('top1'))} | "
+                     f"{fmt_value(corpus.get('mean_kl'))} |")
+    return lines + [""]
+
+
 def render(report: dict[str, Any]) -> str:
     a, p, lat, fp = report["artifact"], report["parity"], report["latency"], report["fingerprint"]
     lines = [f"# Validation report: {a['model']} -> {a['target']} ({a['precision']}, {a['device']})", "",
@@ -90,6 +103,8 @@ def render(report: dict[str, Any]) -> str:
         lines += _section("fidelity", p["fidelity"]) + _section("quality", p["quality"])
         if p.get("tokenizer"):
             lines += _tokenizer(p["tokenizer"])
+        if p.get("adapters"):
+            lines += _adapters(p["adapters"])
     lines += [f"## Latency: {lat['status']} (level `{lat['level']}`)", ""]
     if lat["status"] == "measured":
         lines += ["| prefill tokens | median ms | p90 ms |", "|---|---|---|"]

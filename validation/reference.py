@@ -23,8 +23,36 @@ from exporter.errors import UserError
 from exporter.model import MistralModel, empty_caches
 
 
-def source_from_manifest(manifest: dict[str, Any], checkpoint: Path | None = None) -> WeightSource:
-    """The weights an artifact was built from: its preset, or its checkpoint folder if unchanged."""
+def source_from_manifest(manifest: dict[str, Any], checkpoint: Path | None = None,
+                         adapter: Path | None = None) -> WeightSource:
+    """The weights an artifact was built from: its preset, or its checkpoint folder if unchanged, with
+    the LoRA adapter it records merged in (that adapter's files must be unchanged too)."""
+    source = _checkpoint_from_manifest(manifest, checkpoint)
+    recorded = manifest["model"].get("adapter")
+    if recorded is None:
+        return source
+    return _adapted(source, recorded, adapter, "pass --reference-adapter DIR with the original adapter folder")
+
+
+def runtime_adapter_source(manifest: dict[str, Any], base: WeightSource, name: str) -> WeightSource:
+    """The base weights with one of the artifact's switchable adapters merged, from the folder it records."""
+    return _adapted(base, manifest["target"]["adapters"][name]["source"], None,
+                    f"restore that folder to validate adapter {name!r}, or validate the base alone with --adapter none")
+
+
+def _adapted(base: WeightSource, recorded: dict[str, Any], folder: Path | None, fix: str) -> WeightSource:
+    """base with the recorded adapter merged, read from folder (default: the recorded path), unchanged."""
+    from exporter.adapter import AdaptedWeights, check_recorded
+
+    folder = folder or Path(recorded["path"])
+    if not folder.is_dir():
+        raise UserError(f"the LoRA adapter this artifact was built with is not here ({recorded['path']}); {fix}")
+    adapted = AdaptedWeights(base, folder)
+    check_recorded(adapted.adapter, recorded)
+    return adapted
+
+
+def _checkpoint_from_manifest(manifest: dict[str, Any], checkpoint: Path | None) -> WeightSource:
     model = manifest["model"]
     origin = model["source"]
     if origin.startswith("preset:") and checkpoint is None:

@@ -72,6 +72,12 @@ REPORT_SCHEMA: dict[str, Any] = {
                                              "tokenizers": {"type": "array", "items": {
                                                  "type": "object", "required": ["tokenizer", "status"]}}}},
                 "failures": {"type": "array", "items": {**_FAILURE, "required": ["section", *_FAILURE["required"]]}},
+                # Switchable LoRA adapters, by name: parity with the adapter active against the reference
+                # with it merged; their failures are in `failures` too, as section "adapter NAME: ...".
+                "adapters": {"type": "object", "additionalProperties": {
+                    "type": "object", "required": ["status", "fidelity", "quality", "failures"],
+                    "properties": {"status": {"enum": ["passed", "failed"]}, "fidelity": _SECTION,
+                                   "quality": _SECTION}}},
             },
         },
         "latency": {

@@ -32,10 +32,12 @@ class ValidateRequest:
     parity: bool = True
     latency: bool = True
     reference_checkpoint: Path | None = None
+    reference_adapter: Path | None = None
     reference_dtype: str = "auto"
     new_tokens: int = 20
     use_cache: bool = True  # the runtimes' compiled-model caches (OpenVINO); the reference never uses one
     latency_settings: latency.LatencySettings | None = None  # bench's points, repeats, batch
+    adapters: tuple[str, ...] | None = None  # switchable adapters to validate besides the base (None: all)
 
 
 def summary(rep: dict[str, Any]) -> dict[str, Any]:
@@ -46,6 +48,8 @@ def summary(rep: dict[str, Any]) -> dict[str, Any]:
     if p["status"] != "not-run":
         out.update(failures=len(p["failures"]),
                    first_failures=[f"{f['section']}: {f['metric']} at {f['step']}" for f in p["failures"][:3]])
+        if p.get("adapters"):
+            out["adapters"] = {name: part["status"] for name, part in p["adapters"].items()}
         for section in ("fidelity", "quality"):
             part = p.get(section) or {}
             if part.get("status") in ("passed", "failed"):
@@ -84,7 +88,8 @@ def _measure(artifact: Path, req: ValidateRequest, progress: Progress) -> tuple[
     manifest = read_manifest(artifact)
     cfg = MistralConfig(**manifest["model"]["config"])
     check_caches_fit(cfg, manifest["cache"]["capacity"], 2, 3, "validation")
-    manifest, runner = registry.load_runner(artifact, req.device)
+    threads = req.latency_settings.threads if req.latency_settings else None
+    manifest, runner = registry.load_runner(artifact, req.device, threads=threads)
     level = getattr(runner, "level", "device")
     device = req.device or manifest["target"]["device"]
     parity: dict[str, Any] = {"status": "not-run", "level": level}
@@ -98,6 +103,9 @@ def _measure(artifact: Path, req: ValidateRequest, progress: Progress) -> tuple[
         progress("validation: tokenizer parity", 0.95)
         parity["tokenizer"] = check_tokenizers(artifact, manifest, tokenizer)
         parity["failures"] += [{"section": "tokenizer", **f} for f in parity["tokenizer"].get("failures", [])]
+        parity["adapters"] = _adapters(artifact, manifest, tokenizer, req, progress)
+        parity["failures"] += [{**f, "section": f"adapter {name}: {f['section']}"}
+                               for name, part in parity["adapters"].items() for f in part["failures"]]
         parity["status"] = "failed" if parity["failures"] else parity["status"]
     lat: dict[str, Any] = {"status": "not-run", "level": level}
     if req.latency:
@@ -109,6 +117,19 @@ def _measure(artifact: Path, req: ValidateRequest, progress: Progress) -> tuple[
            "fingerprint": latency.fingerprint(runner, manifest["tool"]),
            "parity": parity, "latency": lat}
     return manifest, rep
+
+
+def _adapters(artifact: Path, manifest: dict[str, Any], tokenizer: Any, req: ValidateRequest,
+              progress: Progress) -> dict[str, Any]:
+    """Parity of each switchable adapter (the runner with it active, against the reference with it merged)."""
+    names = list(manifest["target"].get("adapters") or {}) if req.adapters is None else list(req.adapters)
+    results = {}
+    for i, name in enumerate(names):
+        progress(f"validation: adapter {name}", 0.9 + 0.05 * i / len(names))
+        _, runner = registry.load_runner(artifact, req.device, name)
+        part = check_parity(artifact, manifest, runner, tokenizer, req, lambda m, f: None, adapter=name)
+        results[name] = {k: part[k] for k in ("status", "fidelity", "quality", "failures")}
+    return results
 
 
 def build_validator(latency: bool = True) -> Callable[[Path, dict[str, Any], Progress], dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 import torch
 
@@ -16,7 +17,9 @@ from targets.base import LowerInput, Lowered
 from targets.onnxruntime import kernels
 from targets.onnxruntime.export import quiet, save, to_onnx
 from targets.onnxruntime.genai import genai_config, place_tokenizer, write_genai_config
+from targets.onnxruntime.adapters import write_adapters
 from targets.onnxruntime.passes.io import canonical_io, genai_io
+from targets.onnxruntime.passes.lora import add_lora_inputs
 from targets.onnxruntime.passes.packing import pack_qkv
 from targets.onnxruntime.passes.reshapes import drop_reshape_roundtrips
 from targets.onnxruntime.passes.rotary import fuse_rotary
@@ -101,6 +104,7 @@ def _graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) -> tupl
     # and decompose() build new programs (tests/test_onnxruntime.py checks that it is unchanged).
     model = to_onnx(inp.traced, cfg, inp.capacity, attention)
     extra: dict[str, Any] = {}
+    adapted = {w for a in inp.adapters.values() for w in a.deltas}
     if attention == kernels.GQA:
         genai_io(model, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size)
         extra["cache_buffer_rows"] = buffer_rows(inp.capacity, options.cache_slack)
@@ -113,11 +117,15 @@ def _graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) -> tupl
             extra["rotary_positions"] = rows
         extra["rotary"] = "GroupQueryAttention do_rotary" if "rotary_positions" in extra else "graph (Mul/Add)"
         drop_reshape_roundtrips(model)
+        if adapted:  # after the IO pass, which expects the canonical inputs; before packing
+            extra["lora_inputs"] = add_lora_inputs(model, adapted)
         if options.pack_qkv:
             extra["packed_qkv"] = pack_qkv(model)
     else:
         canonical_io(model, cfg.num_hidden_layers)
         drop_reshape_roundtrips(model)
+        if adapted:
+            extra["lora_inputs"] = add_lora_inputs(model, adapted)
     return model, extra
 
 
@@ -132,6 +140,8 @@ def lower_to_files(inp: LowerInput, out_dir: Path) -> Lowered:
         if _upcast(inp):
             compute_in_fp32(model)
     save(model, out_dir / MODEL_FILE, DATA_FILE, inp.progress, "onnx")
+    if inp.adapters:
+        extra["adapters"] = write_adapters(out_dir, inp.adapters, extra["lora_inputs"], np.float32)
     if chosen.attention == kernels.GQA:
         window = inp.config.sliding_window
         context = extra.get("rotary_positions", inp.config.max_position_embeddings) if window else inp.capacity

@@ -38,8 +38,10 @@ def check_external_data(model: Path, allowed: str) -> None:
                                     f"{allowed}; refused (rebuild the artifact)")
 
 
-def session(model: Path, device: str, threads: int, data_file: str = "model.onnx.data") -> ort.InferenceSession:
-    """An InferenceSession on the device's execution provider with the given intra-op threads."""
+def session(model: Path, device: str, threads: int, data_file: str = "model.onnx.data",
+            initializers: dict[str, ort.OrtValue] | None = None) -> ort.InferenceSession:
+    """An InferenceSession on the device's execution provider with the given intra-op threads, and
+    initializers overridden by name (a LoRA adapter's values)."""
     check_external_data(model, data_file)
     if hasattr(ort, "disable_telemetry_events"):
         ort.disable_telemetry_events()
@@ -51,6 +53,8 @@ def session(model: Path, device: str, threads: int, data_file: str = "model.onnx
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    for name, value in (initializers or {}).items():
+        opts.add_initializer(name, value)
     return ort.InferenceSession(str(model), opts, providers=[provider])
 
 
@@ -72,6 +76,24 @@ class _BaseRunner:
         self.batch = 0
         self._io: ort.IOBinding | None = None
         self._inputs = {i.name for i in sess.get_inputs()}  # position_ids is optional (RoPE inside GQA)
+        self._reopen: Any = None  # set by the target: opens the session again with initializer overrides
+        self._adapter_values: dict[str, ort.OrtValue] = {}
+
+    def set_adapter(self, path: Path | None) -> None:
+        """Run with this LoRA adapter file (onnxruntime's adapter format) after the next reset(); None: the base.
+
+        onnxruntime applies RunOptions.add_active_adapter in run() but not in run_with_iobinding(), which
+        this runner needs for its in-place cache, and IOBinding cannot bind the LoRA inputs (overridable
+        initializers). So the session is opened again with the adapter's values as those initializers:
+        switching costs one session load; onnxruntime-genai switches per generator instead."""
+        values = {} if path is None else dict(ort.AdapterFormat.read_adapter(str(path)).get_parameters())
+        known = {i.name for i in self.session.get_overridable_initializers()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ArtifactError(f"adapter {path} holds {unknown[0]}, which is not a LoRA input of this model")
+        self.session = self._reopen(values)
+        self._adapter_values = values  # the session reads them: they live as long as it does
+        self._io, self.batch = None, 0
 
     def _buffer(self, rows: int) -> ort.OrtValue:
         shape = [self.batch, self.kv_heads, rows, self.head_dim]

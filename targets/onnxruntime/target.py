@@ -47,6 +47,9 @@ class OnnxRuntimeTarget:
     name = "onnxruntime"
     devices = tuple(kernels.SUPPORT)
     precisions = ("fp32", "fp16", "bf16", "int8", "int4")
+    # Switchable LoRA adapters (build --adapters): graph inputs over float weights.
+    runtime_adapter_precisions = ("fp32",)
+    thread_option = "intra_op_threads"  # the option bench --threads overrides
     support_table = kernels.SUPPORT
     options_type = OnnxRuntimeOptions
     runtime_packages = ("onnxruntime", "onnxruntime-gpu", "onnx", "onnxscript", "onnx-ir")
@@ -94,8 +97,15 @@ class OnnxRuntimeTarget:
         known = {f.name for f in dataclasses.fields(OnnxRuntimeOptions)}
         options = OnnxRuntimeOptions(**{k: v for k, v in target["options"].items() if k in known})
         cache = manifest["cache"]
-        sess = session(Path(artifact) / MODEL_FILE, device, options.intra_op_threads)
+        def open_session(initializers: dict[str, Any] | None = None) -> Any:
+            return session(Path(artifact) / MODEL_FILE, device, options.intra_op_threads, initializers=initializers)
+
+        sess = open_session()
+        runner: Any
         if target["attention"] == kernels.GQA:
-            return GqaRunner(sess, device, cache["capacity"], cache["window"], cache, options.intra_op_threads,
-                             target["cache_buffer_rows"], target.get("rotary_positions"))
-        return RingRunner(sess, device, cache["capacity"], cache["window"], cache, options.intra_op_threads)
+            runner = GqaRunner(sess, device, cache["capacity"], cache["window"], cache, options.intra_op_threads,
+                               target["cache_buffer_rows"], target.get("rotary_positions"))
+        else:
+            runner = RingRunner(sess, device, cache["capacity"], cache["window"], cache, options.intra_op_threads)
+        runner._reopen = open_session
+        return runner

@@ -76,6 +76,13 @@ class _Base:
         threads = self._property("INFERENCE_NUM_THREADS")
         self.threads = int(threads) if threads is not None else None
 
+    def set_adapter(self, path: Path | None) -> None:
+        """Run with this LoRA adapter file (adapters/<name>.safetensors) after the next reset(); None: the
+        base. The IR is compiled again with the adapter's low-rank path beside each MatMul it adapts."""
+        self.compiled = self._reopen(path)
+        self.request = self.compiled.create_infer_request()
+        self.slots = None
+
     def _fresh_logits(self, shape: tuple[int, ...]) -> np.ndarray:
         """A new array the request writes the logits into: returned without a copy, never overwritten."""
         import openvino as ov
@@ -173,8 +180,16 @@ class StatelessRunner(_Base):
         return logits
 
 
-def compile_model(xml: Path, device: str, hints: dict[str, str], threads: int) -> tuple[Any, Any, str]:
-    """Read and compile an IR on one of our device names; returns (compiled, core, OpenVINO device)."""
+def compile_model(xml: Path, device: str, hints: dict[str, str], threads: int,
+                  adapter: Path | None = None) -> tuple[Any, Any, str]:
+    """Read and compile an IR on one of our device names, with a LoRA adapter file applied if given;
+    returns (compiled, core, OpenVINO device)."""
     core = core_with_cache()
     name = resolve_device(core, device)
-    return core.compile_model(str(xml), name, compile_config(core, name, hints, threads)), core, name
+    model: Any = str(xml)
+    if adapter is not None:
+        from targets.openvino.lora import apply_adapter
+
+        model = core.read_model(str(xml))
+        apply_adapter(model, adapter)
+    return core.compile_model(model, name, compile_config(core, name, hints, threads)), core, name

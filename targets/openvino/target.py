@@ -13,7 +13,7 @@ from typing import Any
 from exporter.contract import CacheContract, TensorSpec, cache_contract, canonical_io
 from exporter.manifest import listed_file
 from targets.base import LowerInput, Lowered, check_supported
-from targets.openvino import compress, convert, runner, stateful, tokenizer, weights
+from targets.openvino import compress, convert, lora, runner, stateful, tokenizer, weights
 from targets.openvino.options import (DEVICES, PRECISIONS, SUPPORT_TABLE, OpenVinoOptions, check_options,
                                       runtime_hints)
 from targets.resources import ExportMemory
@@ -39,6 +39,9 @@ class OpenVinoTarget:
     name = "openvino"
     devices = tuple(DEVICES)
     precisions = PRECISIONS
+    # Switchable LoRA adapters (build --adapters): files OpenVINO GenAI's AdapterConfig applies.
+    runtime_adapter_precisions = ("fp32",)
+    thread_option = "threads"  # the option bench --threads overrides
     support_table = SUPPORT_TABLE
     options_type = OpenVinoOptions
     runtime_packages = ("openvino", "nncf", "openvino-tokenizers", "openvino-genai")
@@ -65,6 +68,7 @@ class OpenVinoTarget:
         layout = "ring" if options.stateless else "concat"
         inp.progress("converting to OpenVINO", 0.0)
         model = convert.convert(inp.program(), layout).model
+        linears = lora.name_linears(model)  # OpenVINO GenAI finds a PEFT tensor's layer by this name
         stateful.name_ports(model, cfg, layout)
         if not options.stateless:
             stateful.add_beam_idx(model, cfg)
@@ -82,6 +86,7 @@ class OpenVinoTarget:
 
         ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=False)
         del model
+        adapters = lora.write_adapters(out_dir, inp.adapters) if inp.adapters else None
         tok = tokenizer.write_tokenizer(inp.tokenizer_dir, out_dir)
         tokenizer.write_genai_config(cfg, out_dir)
         hints = runtime_hints(inp.precision, options)
@@ -95,7 +100,8 @@ class OpenVinoTarget:
         return Lowered(io=io, cache=cache, extra={
             "model_file": MODEL_XML, "layout": layout, "runtime_hints": hints, "compression": compression,
             "ops": {k: ops.get(k, 0) for k in (KERNEL, "ReadValue", "Assign", "ScatterElementsUpdate")},
-            "tokenizer_ir": tok, "kernels": {inp.device: KERNEL}})
+            "tokenizer_ir": tok, "kernels": {inp.device: KERNEL}, "named_linears": linears,
+            **({"adapters": adapters} if adapters else {})})
 
     def readback(self, artifact: Path, manifest: dict[str, Any], source: Any) -> Any:
         """The weights as OpenVINO decompresses them, each checked against the source compressed again."""
@@ -121,7 +127,11 @@ class OpenVinoTarget:
         threads = int(target["options"].get("threads", 0))
         compiled, core, name = runner.compile_model(xml, device, target["runtime_hints"], threads)
         cache, cfg = manifest["cache"], manifest["model"]["config"]
+        opened: Any
         if target["layout"] == "ring":
-            return runner.StatelessRunner(compiled, core, name, cache["capacity"], cache["window"],
-                                          cfg["num_key_value_heads"], cfg["head_dim"])
-        return runner.StatefulRunner(compiled, core, name, cache["capacity"], cache["window"])
+            opened = runner.StatelessRunner(compiled, core, name, cache["capacity"], cache["window"],
+                                            cfg["num_key_value_heads"], cfg["head_dim"])
+        else:
+            opened = runner.StatefulRunner(compiled, core, name, cache["capacity"], cache["window"])
+        opened._reopen = lambda adapter: runner.compile_model(xml, device, target["runtime_hints"], threads, adapter)[0]
+        return opened
