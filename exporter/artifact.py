@@ -130,7 +130,8 @@ def rewrite(folder: Path, manifest: dict, write: Callable[[Path], None], drop: C
             except OSError:
                 shutil.copy2(folder / rel, dest)
         write(stage)
-        written = write_manifest(stage, manifest, known)
+        # Only the linked files keep their verified hashes: a rewritten one of the same size is new.
+        written = write_manifest(stage, manifest, {rel: e for rel, e in known.items() if rel not in drop})
     return written
 
 
