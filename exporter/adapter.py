@@ -38,6 +38,7 @@ _REFUSED_FLAGS = {
     "target_parameters": "LoRA on bare parameters",
 }
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RUNTIME_DIR = "adapters"  # where an artifact keeps its switchable adapter files
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,11 @@ def open_runtime_adapters(folders: dict[str, Path], base: WeightSource) -> dict[
                                   "it with --adapter")
         adapters[name] = adapter
     return adapters
+
+
+def runtime_record(adapter: LoraAdapter, file: str, parameters: int, **extra: Any) -> dict[str, Any]:
+    """What the manifest records about one switchable adapter file of an artifact."""
+    return {"file": file, "parameters": parameters, **extra, "source": adapter.describe() | {"merge": "runtime"}}
 
 
 def check_recorded(adapter: LoraAdapter, recorded: dict[str, Any]) -> None:

@@ -123,7 +123,7 @@ def build_cmd(
     checkpoint: Annotated[Path | None, typer.Option(help="A Hugging Face folder (config.json, *.safetensors), a Mistral download folder (params.json, consolidated.safetensors), or a hub id (owner/name[@revision]) already in the local Hugging Face cache; nothing is downloaded.")] = None,
     preset: Annotated[str | None, typer.Option(help="Built-in preset: tiny (default), mistral-7b-v0.1, mistral-7b-v0.3.")] = None,
     adapter: Annotated[Path | None, typer.Option(help="A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors), merged into the weights as they stream; quantized precisions quantize the merged weights.")] = None,
-    adapters: Annotated[list[str] | None, typer.Option(help="Switchable LoRA adapters, name=DIR[,name2=DIR2] (repeatable): the graph takes their low-rank updates as inputs and each is written as adapters/<name>.onnx_adapter, which onnxruntime and onnxruntime-genai load (onnxruntime fp32).")] = None,
+    adapters: Annotated[list[str] | None, typer.Option(help="Switchable LoRA adapters, name=DIR[,name2=DIR2] (repeatable), onnxruntime and openvino, fp32: the base is kept and each adapter is written to adapters/ in the runtime's own form (.onnx_adapter for onnxruntime and onnxruntime-genai, .safetensors for OpenVINO GenAI).")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32, fp16, bf16, or a target's quantized precision (int8, int4) [default: the target's first, see `targets`].")] = None,
     device: Annotated[str | None, typer.Option(help="Device the artifact is built and validated for [default: the target's first, see `targets`].")] = None,
     max_context: Annotated[int, typer.Option(help="KV-cache capacity for models without a sliding window.")] = 2048,

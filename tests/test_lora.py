@@ -369,3 +369,32 @@ def test_switchable_adapter_errors(lora: dict[str, Any], tmp_path: Path) -> None
         out = tmp_path / "out"
         one_line_error(cli_run("build", "--checkpoint", str(base), "--out", str(out), *args), needle)
         assert not out.exists()
+
+
+def test_a_foreign_adapter_file_is_refused(switchable: dict[str, Any], tmp_path: Path) -> None:
+    """Planted: an artifact's adapter file replaced by one for other layers (manifest rehashed): exit 2,
+    one line, before anything runs with it. A runner not opened by its target cannot switch at all."""
+    from exporter.errors import UserError
+    from exporter.manifest import write_manifest
+
+    art = tmp_path / "foreign"
+    shutil.copytree(switchable["out"], art)
+    path = _adapter_path(art, "a")
+    foreign = "model.layers.0.self_attn.c_attn"
+    if switchable["target"] == "onnxruntime":
+        import onnxruntime as ort
+
+        fmt = ort.AdapterFormat()
+        fmt.set_parameters({f"{foreign}.lora_A": ort.OrtValue.ortvalue_from_numpy(np.zeros((64, 4), np.float32))})
+        fmt.export_adapter(str(path))
+        needle = "which is not a LoRA input of this model"
+    else:
+        save_file({f"base_model.model.{foreign}.lora_A.weight": torch.zeros(4, 64),
+                   f"base_model.model.{foreign}.lora_B.weight": torch.zeros(64, 4)}, path)
+        needle = "does not fit this IR"
+    write_manifest(art, read_manifest(art, verify=False))
+    one_line_error(cli_run("generate", str(art), "--adapter", "a", "--prompt-ids", "1,2,3"), needle)
+    _, runner = registry.load_runner(art)
+    runner.reopen = None
+    with pytest.raises(UserError, match="cannot switch adapters"):
+        runner.set_adapter(_adapter_path(art, "b"))

@@ -103,7 +103,7 @@ def _measure(artifact: Path, req: ValidateRequest, progress: Progress) -> tuple[
         progress("validation: tokenizer parity", 0.95)
         parity["tokenizer"] = check_tokenizers(artifact, manifest, tokenizer)
         parity["failures"] += [{"section": "tokenizer", **f} for f in parity["tokenizer"].get("failures", [])]
-        parity["adapters"] = _adapters(artifact, manifest, tokenizer, req, progress)
+        parity["adapters"] = _adapters(artifact, manifest, runner, tokenizer, req, progress)
         parity["failures"] += [{**f, "section": f"adapter {name}: {f['section']}"}
                                for name, part in parity["adapters"].items() for f in part["failures"]]
         parity["status"] = "failed" if parity["failures"] else parity["status"]
@@ -119,16 +119,22 @@ def _measure(artifact: Path, req: ValidateRequest, progress: Progress) -> tuple[
     return manifest, rep
 
 
-def _adapters(artifact: Path, manifest: dict[str, Any], tokenizer: Any, req: ValidateRequest,
+def _adapters(artifact: Path, manifest: dict[str, Any], runner: Any, tokenizer: Any, req: ValidateRequest,
               progress: Progress) -> dict[str, Any]:
-    """Parity of each switchable adapter (the runner with it active, against the reference with it merged)."""
+    """Parity of each switchable adapter: the same runner with it active (no second integrity check of
+    the artifact), against the reference with it merged. The runner is left on the base model."""
     names = list(manifest["target"].get("adapters") or {}) if req.adapters is None else list(req.adapters)
+    files = {name: registry.adapter_file(artifact, manifest, name) for name in names}  # unknown: exit 2
     results = {}
-    for i, name in enumerate(names):
-        progress(f"validation: adapter {name}", 0.9 + 0.05 * i / len(names))
-        _, runner = registry.load_runner(artifact, req.device, name)
-        part = check_parity(artifact, manifest, runner, tokenizer, req, lambda m, f: None, adapter=name)
-        results[name] = {k: part[k] for k in ("status", "fidelity", "quality", "failures")}
+    try:
+        for i, name in enumerate(names):
+            progress(f"validation: adapter {name}", 0.9 + 0.05 * i / len(names))
+            runner.set_adapter(files[name])
+            part = check_parity(artifact, manifest, runner, tokenizer, req, lambda m, f: None, adapter=name)
+            results[name] = {k: part[k] for k in ("status", "fidelity", "quality", "failures")}
+    finally:
+        if names:
+            runner.set_adapter(None)
     return results
 
 

@@ -9,28 +9,29 @@ from typing import Any
 
 import numpy as np
 
-ADAPTER_DIR = "adapters"
+from exporter.adapter import RUNTIME_DIR, runtime_record
 
 
-def write_adapters(out_dir: Path, adapters: dict[str, Any], inputs: dict[str, dict[str, Any]],
-                   dtype: type) -> dict[str, dict[str, Any]]:
-    """Write adapters/<name>.onnx_adapter for each adapter; what the manifest records about each."""
+def write_adapters(out_dir: Path, adapters: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Write adapters/<name>.onnx_adapter for each adapter, in its LoRA inputs' dtype; what the manifest
+    records about each."""
     import onnxruntime as ort
 
-    (out_dir / ADAPTER_DIR).mkdir()
+    (out_dir / RUNTIME_DIR).mkdir()
     records = {}
     for name, adapter in adapters.items():
         params = {}
         for weight, io in inputs.items():
             if weight in adapter.deltas:
                 a, b = adapter.factors(weight)  # [r, in], scale * [out, r]
-                params[io["A"]] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a.T.numpy().astype(dtype)))
-                params[io["B"]] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(b.T.numpy().astype(dtype)))
+                for key, factor in ((io["A"], a.T), (io["B"], b.T)):
+                    array = np.ascontiguousarray(factor.numpy().astype(io["dtype"]))
+                    params[key] = ort.OrtValue.ortvalue_from_numpy(array)
         fmt = ort.AdapterFormat()
         fmt.set_adapter_version(1)
         fmt.set_model_version(1)
         fmt.set_parameters(params)
-        path = f"{ADAPTER_DIR}/{name}.onnx_adapter"
+        path = f"{RUNTIME_DIR}/{name}.onnx_adapter"
         fmt.export_adapter(str(out_dir / path))
-        records[name] = {"file": path, "parameters": len(params), "source": adapter.describe() | {"merge": "runtime"}}
+        records[name] = runtime_record(adapter, path, len(params))
     return records

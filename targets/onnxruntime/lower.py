@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 import torch
 
@@ -104,7 +103,6 @@ def _graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) -> tupl
     # and decompose() build new programs (tests/test_onnxruntime.py checks that it is unchanged).
     model = to_onnx(inp.traced, cfg, inp.capacity, attention)
     extra: dict[str, Any] = {}
-    adapted = {w for a in inp.adapters.values() for w in a.deltas}
     if attention == kernels.GQA:
         genai_io(model, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size)
         extra["cache_buffer_rows"] = buffer_rows(inp.capacity, options.cache_slack)
@@ -116,16 +114,14 @@ def _graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) -> tupl
                                    "the graph pattern changed")
             extra["rotary_positions"] = rows
         extra["rotary"] = "GroupQueryAttention do_rotary" if "rotary_positions" in extra else "graph (Mul/Add)"
-        drop_reshape_roundtrips(model)
-        if adapted:  # after the IO pass, which expects the canonical inputs; before packing
-            extra["lora_inputs"] = add_lora_inputs(model, adapted)
-        if options.pack_qkv:
-            extra["packed_qkv"] = pack_qkv(model)
     else:
         canonical_io(model, cfg.num_hidden_layers)
-        drop_reshape_roundtrips(model)
-        if adapted:
-            extra["lora_inputs"] = add_lora_inputs(model, adapted)
+    drop_reshape_roundtrips(model)
+    adapted = {w for a in inp.adapters.values() for w in a.deltas}
+    if adapted:  # after the IO pass, which expects the canonical inputs; before packing
+        extra["lora_inputs"] = add_lora_inputs(model, adapted)
+    if attention == kernels.GQA and options.pack_qkv:
+        extra["packed_qkv"] = pack_qkv(model)
     return model, extra
 
 
@@ -141,7 +137,7 @@ def lower_to_files(inp: LowerInput, out_dir: Path) -> Lowered:
             compute_in_fp32(model)
     save(model, out_dir / MODEL_FILE, DATA_FILE, inp.progress, "onnx")
     if inp.adapters:
-        extra["adapters"] = write_adapters(out_dir, inp.adapters, extra["lora_inputs"], np.float32)
+        extra["adapters"] = write_adapters(out_dir, inp.adapters, extra["lora_inputs"])
     if chosen.attention == kernels.GQA:
         window = inp.config.sliding_window
         context = extra.get("rotary_positions", inp.config.max_position_embeddings) if window else inp.capacity

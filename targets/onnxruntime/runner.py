@@ -11,6 +11,7 @@ preallocated buffers per cache alternate as past and present, again with no copy
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,8 @@ class _BaseRunner:
         self.batch = 0
         self._io: ort.IOBinding | None = None
         self._inputs = {i.name for i in sess.get_inputs()}  # position_ids is optional (RoPE inside GQA)
-        self._reopen: Any = None  # set by the target: opens the session again with initializer overrides
+        # Set by the target's load(): opens the session again with initializers overridden by name.
+        self.reopen: Callable[[dict[str, ort.OrtValue]], ort.InferenceSession] | None = None
         self._adapter_values: dict[str, ort.OrtValue] = {}
 
     def set_adapter(self, path: Path | None) -> None:
@@ -91,7 +93,9 @@ class _BaseRunner:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ArtifactError(f"adapter {path} holds {unknown[0]}, which is not a LoRA input of this model")
-        self.session = self._reopen(values)
+        if self.reopen is None:
+            raise UserError("this runner was not opened by its target and cannot switch adapters")
+        self.session = self.reopen(values)
         self._adapter_values = values  # the session reads them: they live as long as it does
         self._io, self.batch = None, 0
 

@@ -107,5 +107,5 @@ class OnnxRuntimeTarget:
                                target["cache_buffer_rows"], target.get("rotary_positions"))
         else:
             runner = RingRunner(sess, device, cache["capacity"], cache["window"], cache, options.intra_op_threads)
-        runner._reopen = open_session
+        runner.reopen = open_session
         return runner

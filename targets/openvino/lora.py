@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from exporter.adapter import PREFIX
+from exporter.adapter import PREFIX, RUNTIME_DIR, runtime_record
 from exporter.errors import ArtifactError
 from targets.openvino.convert import WEIGHT_PREFIX
 
-ADAPTER_DIR = "adapters"
 MATMUL = "/MatMul"
 _PASS_THROUGH = {"Convert", "Transpose", "Reshape", "Multiply", "Subtract"}  # weight decompression, layout
 
@@ -52,7 +51,7 @@ def write_adapters(out_dir: Path, adapters: dict[str, Any]) -> dict[str, dict[st
     """adapters/<name>.safetensors per adapter (PEFT keys, scale folded into B); what the manifest records."""
     from safetensors.numpy import save_file
 
-    (out_dir / ADAPTER_DIR).mkdir()
+    (out_dir / RUNTIME_DIR).mkdir()
     records = {}
     for name, adapter in adapters.items():
         tensors = {}
@@ -61,10 +60,9 @@ def write_adapters(out_dir: Path, adapters: dict[str, Any]) -> dict[str, dict[st
             module = PREFIX + weight.removesuffix(".weight")
             tensors[f"{module}.lora_A.weight"] = a.numpy().astype(np.float32)
             tensors[f"{module}.lora_B.weight"] = b.numpy().astype(np.float32)
-        path = f"{ADAPTER_DIR}/{name}.safetensors"
+        path = f"{RUNTIME_DIR}/{name}.safetensors"
         save_file(tensors, str(out_dir / path))
-        records[name] = {"file": path, "parameters": len(tensors), "alpha": 1.0,
-                         "source": adapter.describe() | {"merge": "runtime"}}
+        records[name] = runtime_record(adapter, path, len(tensors), alpha=1.0)
     return records
 
 

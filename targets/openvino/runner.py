@@ -11,12 +11,13 @@ StatelessRunner drives the canonical ring-buffer IR with explicit caches, like t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exporter.errors import TargetUnavailable
+from exporter.errors import TargetUnavailable, UserError
 from exporter.trace_cache import runtime_cache
 from targets.openvino.options import DEVICES
 
@@ -75,11 +76,15 @@ class _Base:
         self.vocab = compiled.output("logits").get_partial_shape()[-1].get_length()
         threads = self._property("INFERENCE_NUM_THREADS")
         self.threads = int(threads) if threads is not None else None
+        # Set by the target's load(): compiles the IR again, with a LoRA adapter file applied (or None).
+        self.reopen: Callable[[Path | None], Any] | None = None
 
     def set_adapter(self, path: Path | None) -> None:
         """Run with this LoRA adapter file (adapters/<name>.safetensors) after the next reset(); None: the
         base. The IR is compiled again with the adapter's low-rank path beside each MatMul it adapts."""
-        self.compiled = self._reopen(path)
+        if self.reopen is None:
+            raise UserError("this runner was not opened by its target and cannot switch adapters")
+        self.compiled = self.reopen(path)
         self.request = self.compiled.create_infer_request()
         self.slots = None
 

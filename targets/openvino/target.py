@@ -133,5 +133,5 @@ class OpenVinoTarget:
                                             cfg["num_key_value_heads"], cfg["head_dim"])
         else:
             opened = runner.StatefulRunner(compiled, core, name, cache["capacity"], cache["window"])
-        opened._reopen = lambda adapter: runner.compile_model(xml, device, target["runtime_hints"], threads, adapter)[0]
+        opened.reopen = lambda adapter: runner.compile_model(xml, device, target["runtime_hints"], threads, adapter)[0]
         return opened

@@ -14,8 +14,6 @@ import onnx_ir as ir
 from targets.onnxruntime.export import WEIGHT_META
 from targets.onnxruntime.graph import attr, node
 
-NP = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.BFLOAT16: np.float32}
-
 
 def input_names(weight: str) -> tuple[str, str]:
     """model.layers.0.self_attn.q_proj.weight -> its A and B input names."""
@@ -27,7 +25,7 @@ def _overridable(graph: ir.Graph, name: str, dtype: ir.DataType, dims: tuple[int
                  empty: tuple[int, int]) -> ir.Value:
     """A graph input whose initializer, an empty tensor, is used when no adapter overrides it."""
     value = ir.Value(name=name, shape=ir.Shape(dims), type=ir.TensorType(dtype),
-                     const_value=ir.tensor(np.zeros(empty, dtype=NP[dtype]), name=name))
+                     const_value=ir.tensor(np.zeros(empty, dtype=dtype.numpy()), name=name))
     graph.register_initializer(value)
     graph.inputs.append(value)
     return value
@@ -66,7 +64,8 @@ def add_lora_inputs(model: ir.Model, weights: set[str]) -> dict[str, dict[str, o
                     y.name = f"{output_name}_base"
                     total.name = output_name
                     g.outputs[index] = total
-                found[name] = {"A": a_name, "B": b_name, "in": in_dim, "out": out_dim}
+                found[name] = {"A": a_name, "B": b_name, "in": in_dim, "out": out_dim,
+                               "dtype": str(dtype.numpy())}
     g.sort()
     missing = sorted(weights - set(found))
     if missing:
