@@ -10,6 +10,8 @@ Parameter names equal Hugging Face's, so checkpoints bind by name.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -126,13 +128,59 @@ class MistralModel(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor, k_caches: list[Tensor],
                 v_caches: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         x = self.model.embed_tokens(input_ids)  # [B, T, H]
-        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        new_k, new_v = [], []
-        for layer, k_cache, v_cache in zip(self.model.layers, k_caches, v_caches):
-            x, k_cache, v_cache = layer(x, positions, cos, sin, k_cache, v_cache)
-            new_k.append(k_cache)
-            new_v.append(v_cache)
+        x, new_k, new_v = run_layers(self.model.layers, self.cfg, x, positions, k_caches, v_caches)
         return self.lm_head(self.model.norm(x)).float(), new_k, new_v
+
+
+def run_layers(layers: Iterable[nn.Module], cfg: MistralConfig, x: Tensor, positions: Tensor,
+               k_caches: list[Tensor], v_caches: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The decoder layers over hidden states x [B, T, H], each with its own cache pair."""
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+    new_k, new_v = [], []
+    for layer, k_cache, v_cache in zip(layers, k_caches, v_caches):
+        x, k_cache, v_cache = layer(x, positions, cos, sin, k_cache, v_cache)
+        new_k.append(k_cache)
+        new_v.append(v_cache)
+    return x, new_k, new_v
+
+
+class MistralPart(nn.Module):
+    """Layers [start, end) of the canonical model, for targets that convert a model in parts: the first
+    part also embeds input_ids, the last also applies the final norm and lm_head; the others map hidden
+    states to hidden states. Parameter names equal the whole model's, so the same checkpoint binds."""
+
+    def __init__(self, cfg: MistralConfig, start: int, end: int) -> None:
+        super().__init__()
+        if not 0 <= start < end <= cfg.num_hidden_layers:
+            raise ValueError(f"layers [{start}, {end}) are not a part of a {cfg.num_hidden_layers}-layer model")
+        self.cfg, self.start, self.end = cfg, start, end
+        self.model = nn.Module()
+        if start == 0:
+            self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # A ModuleDict keyed by the global index keeps the names `model.layers.<i>.`.
+        self.model.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(start, end)})
+        if end == cfg.num_hidden_layers:
+            self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def last(self) -> bool:
+        return self.end == self.cfg.num_hidden_layers
+
+    def forward(self, x: Tensor, positions: Tensor, k_caches: list[Tensor],
+                v_caches: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """x: input_ids [B, T] in the first part, else hidden states [B, T, H]; returns logits (last part)
+        or hidden states, and the part's own updated caches."""
+        if self.first:
+            x = self.model.embed_tokens(x)
+        x, new_k, new_v = run_layers(self.model.layers.values(), self.cfg, x, positions, k_caches, v_caches)
+        if self.last:
+            return self.lm_head(self.model.norm(x)).float(), new_k, new_v
+        return x, new_k, new_v
 
 
 def empty_caches(cfg: MistralConfig, batch: int, capacity: int, dtype: torch.dtype,

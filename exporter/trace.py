@@ -25,7 +25,7 @@ from exporter import model as model_module
 from exporter import program_file
 from exporter.checkpoint import DTYPES
 from exporter.config import MistralConfig
-from exporter.model import MistralModel
+from exporter.model import MistralModel, MistralPart
 from exporter.trace_cache import ProgramCache
 
 MAX_BATCH = 256
@@ -47,11 +47,24 @@ class TraceSpec:
     config: MistralConfig
     capacity: int
     dtype: torch.dtype
+    layers: tuple[int, int] | None = None  # a part [start, end) of the layers (exporter.model.MistralPart)
 
     def describe(self) -> dict[str, Any]:
         """The spec as JSON data; its hash is the cache key, and the cache sidecar records it."""
-        return {"config": self.config.to_dict(), "capacity": self.capacity, "dtype": str(self.dtype),
-                "tool": __version__, "torch": torch.__version__, "graph": _graph_source_hash()}
+        described = {"config": self.config.to_dict(), "capacity": self.capacity, "dtype": str(self.dtype),
+                     "tool": __version__, "torch": torch.__version__, "graph": _graph_source_hash()}
+        if self.layers is not None:
+            described["layers"] = list(self.layers)
+        return described
+
+    @property
+    def layer_count(self) -> int:
+        return self.config.num_hidden_layers if self.layers is None else self.layers[1] - self.layers[0]
+
+    @property
+    def takes_ids(self) -> bool:
+        """True when the first input is input_ids (the whole model or its first part), else hidden states."""
+        return self.layers is None or self.layers[0] == 0
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()[:20]
@@ -61,18 +74,18 @@ def _example_inputs(spec: TraceSpec) -> tuple[torch.Tensor, torch.Tensor, list[t
     # B = T = 2 and a non-empty past: an example of 1 would specialise the dim to a constant.
     # The caches are zero-stride views: export reads only their shape and dtype, and dense ones would
     # cost 2 GiB for Mistral 7B in fp32 (32 layers x K/V x [2, 8, 4096, 128]).
-    ids = torch.zeros(2, 2, dtype=torch.long)
+    first = (torch.zeros(2, 2, dtype=torch.long) if spec.takes_ids
+             else torch.zeros(1, dtype=spec.dtype).expand(2, 2, spec.config.hidden_size))
     positions = torch.tensor([[3, 4], [5, 6]])
     shape = (2, spec.config.num_key_value_heads, spec.capacity, spec.config.head_dim)
-    k, v = ([torch.zeros(1, dtype=spec.dtype).expand(shape) for _ in range(spec.config.num_hidden_layers)]
-            for _ in range(2))
-    return ids, positions, k, v
+    k, v = ([torch.zeros(1, dtype=spec.dtype).expand(shape) for _ in range(spec.layer_count)] for _ in range(2))
+    return first, positions, k, v
 
 
 def _dynamic_shapes(spec: TraceSpec) -> tuple[object, ...]:
     batch = Dim("batch", min=1, max=MAX_BATCH)
     chunk = Dim("chunk", min=1, max=spec.capacity)
-    layers = spec.config.num_hidden_layers
+    layers = spec.layer_count
     return ({0: batch, 1: chunk}, {0: batch, 1: chunk}, [{0: batch}] * layers, [{0: batch}] * layers)
 
 
@@ -90,7 +103,8 @@ def trace(spec: TraceSpec) -> ExportedProgram:
     torch.set_default_dtype(spec.dtype)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
-            model = MistralModel(spec.config).eval()
+            model = (MistralModel(spec.config) if spec.layers is None
+                     else MistralPart(spec.config, *spec.layers)).eval()
     finally:
         torch.set_default_dtype(previous)
     program = torch.export.export(model, _example_inputs(spec), dynamic_shapes=_dynamic_shapes(spec))
@@ -114,7 +128,9 @@ def traced(spec: TraceSpec, use_cache: bool = True) -> TracedProgram:
     """The exported program for spec: from the trace cache when a verified entry is there (see
     exporter.trace_cache), else traced now and stored. use_cache=False neither reads nor writes it."""
     start = time.perf_counter()
-    cache = ProgramCache.open() if use_cache else None
+    # Parts are traced afresh: a part's trace takes seconds, against minutes for converting it, and the
+    # cache's program check (program_file.verify) describes whole models.
+    cache = ProgramCache.open() if use_cache and spec.layers is None else None
     if cache is not None:
         program = cache.load(spec.key(), spec.describe(), spec.config, spec.capacity, spec.dtype)
         if program is not None:
