@@ -44,8 +44,9 @@ def test_package_has_functions_states_and_sdpa(fp16_artifact: Path) -> None:
     ct = quiet_coremltools()
     spec = ct.utils.load_spec(str(fp16_artifact / "model.mlpackage"))
     functions = {f.name: f for f in spec.description.functions}
-    assert set(functions) == {"prefill", "decode"} and spec.description.defaultFunctionName == "decode"
-    for name, chunk in (("prefill", 16), ("decode", 1)):
+    # The default prefill lengths 64, 256, 1024 are capped at the tiny model's capacity of 16.
+    assert set(functions) == {"prefill_16", "decode"} and spec.description.defaultFunctionName == "decode"
+    for name, chunk in (("prefill_16", 16), ("decode", 1)):
         f = functions[name]
         assert [i.name for i in f.input] == ["input_ids", "positions"]
         assert list(f.input[0].type.multiArrayType.shape) == [1, chunk]
@@ -55,12 +56,13 @@ def test_package_has_functions_states_and_sdpa(fp16_artifact: Path) -> None:
         assert all(list(a.shape) == [1, 2, 16, 16] and a.dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16
                    for a in states.values())
     program = load_mil_program(fp16_artifact / "model.mlpackage")
-    for name in ("prefill", "decode"):
+    for name in ("prefill_16", "decode"):
         ops = op_types(program.functions[name])
         print(name, {k: ops[k] for k in ("scaled_dot_product_attention", "read_state", "coreml_update_state")})
         assert ops["scaled_dot_product_attention"] == 2 and ops["coreml_update_state"] == 4
     manifest = json.loads((fp16_artifact / "manifest.json").read_text())
     assert manifest["target"]["compute_units"] == "ALL" and manifest["cache"]["residence"] == "stateful"
+    assert [p["file"] for p in manifest["target"]["pipeline"]["parts"]] == ["model.mlpackage"]  # auto: one part
 
 
 def test_mil_reference_parity_is_labelled(fp16_artifact: Path) -> None:
@@ -94,6 +96,10 @@ def test_compression_shrinks_weights(fp16_artifact: Path, tmp_path: Path, precis
 @pytest.mark.parametrize("option,needle", [
     ("deployment_target=iOS17", "Core ML state needs iOS18"),
     ("compute_units=GPU_ONLY", "valid: CPU_ONLY, CPU_AND_GPU, CPU_AND_NE, ALL"),
+    ("chunks=3", "the model has 2 layers, so give 1 to 2 parts"),
+    ("chunks=two", "neither a number of parts nor auto"),
+    ("prefill_chunks=1,8", "lengths of at least 2"),
+    ("prefill_chunks=8,x", "not a comma-separated list"),
 ])
 def test_bad_options(tmp_path: Path, option: str, needle: str) -> None:
     result = _build(tmp_path / "x", "fp16", "--option", option, "--no-validate")
@@ -118,7 +124,10 @@ def test_an_op_without_value_inference_is_an_error(fp16_artifact: Path, monkeypa
 def test_device_predict_matches_mil(fp16_artifact: Path) -> None:
     from targets.coreml.runner import DeviceRunner, MilRunner
 
-    args = (fp16_artifact, 16, 16, 2, (1, 2, 16, 16))
+    from exporter.manifest import read_manifest
+    from targets.coreml.pipeline import load
+
+    args = (load(fp16_artifact, read_manifest(fp16_artifact)), 16, 16, (1, 2, 16, 16))
     device, mil = DeviceRunner(*args, compute_units="CPU_ONLY"), MilRunner(*args)
     ids, pos = np.arange(1, 21)[None], np.arange(20)[None]
     for runner in (device, mil):

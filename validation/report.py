@@ -78,6 +78,11 @@ REPORT_SCHEMA: dict[str, Any] = {
                     "type": "object", "required": ["status", "fidelity", "quality", "failures"],
                     "properties": {"status": {"enum": ["passed", "failed"]}, "fidelity": _SECTION,
                                    "quality": _SECTION}}},
+                # Runners that pad chunks to fixed function lengths (Core ML): what the validation
+                # prompts cost, tokens computed against real tokens.
+                "padding": {"type": "object", "required": ["computed_tokens", "real_tokens", "overhead"],
+                            "properties": {"computed_tokens": {"type": "integer"}, "real_tokens": {"type": "integer"},
+                                           "overhead": {"type": ["number", "null"]}}},
             },
         },
         "latency": {

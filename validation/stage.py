@@ -48,6 +48,8 @@ def summary(rep: dict[str, Any]) -> dict[str, Any]:
     if p["status"] != "not-run":
         out.update(failures=len(p["failures"]),
                    first_failures=[f"{f['section']}: {f['metric']} at {f['step']}" for f in p["failures"][:3]])
+        if p.get("padding"):
+            out["padding"] = p["padding"]
         if p.get("adapters"):
             out["adapters"] = {name: part["status"] for name, part in p["adapters"].items()}
         for section in ("fidelity", "quality"):
@@ -107,6 +109,9 @@ def _measure(artifact: Path, req: ValidateRequest, progress: Progress) -> tuple[
         parity["failures"] += [{**f, "section": f"adapter {name}: {f['section']}"}
                                for name, part in parity["adapters"].items() for f in part["failures"]]
         parity["status"] = "failed" if parity["failures"] else parity["status"]
+        padding = getattr(runner, "padding", None)  # runners that pad chunks to fixed lengths (Core ML)
+        if callable(padding):
+            parity["padding"] = padding()
     lat: dict[str, Any] = {"status": "not-run", "level": level}
     if req.latency:
         lat = {"status": "measured", "level": level, **latency.measure(runner, cfg.vocab_size, req.latency_settings, progress)}

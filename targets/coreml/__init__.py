@@ -1,10 +1,12 @@
-"""Core ML target: a stateful iOS18 mlprogram with `prefill` and `decode` functions.
+"""Core ML target: stateful iOS18 mlprograms with `prefill_<n>` functions at a few chunk lengths and
+a `decode` function, in one mlpackage or, for models too large to convert at once, one per block of
+layers (targets/coreml/pipeline.py).
 
-Why two functions of one multifunction mlpackage rather than one function with a flexible chunk
+Why several functions of one multifunction mlpackage rather than one function with a flexible chunk
 length: Core ML specialises each function for static shapes, which the Neural Engine needs (flexible
-shapes fall back to CPU/GPU there), and the two functions share one weight blob, so the package is no
-larger. Prefill chunks shorter than the capacity are padded with position -1, which the canonical mask
-already treats as padding. This could not be measured here (no macOS); it is the documented behaviour.
+shapes fall back to CPU/GPU there), and the functions share one weight blob, so the package is no
+larger. A chunk shorter than its function is padded with position -1, which the canonical mask already
+treats as padding. This could not be measured here (no macOS); it is the documented behaviour.
 
 Attention is the iOS18 `scaled_dot_product_attention` op (GQA heads expanded with tile, as that op
 needs equal head counts); the KV cache is fp16 Core ML state (the only state dtype Core ML allows),
@@ -22,7 +24,7 @@ from typing import Any
 from exporter.contract import cache_contract, canonical_io
 from exporter.errors import UserError
 from targets.base import LowerInput, Lowered, check_supported
-from targets.resources import ExportMemory
+from targets.coreml.pipeline import DEFAULT_PREFILL, PartsMemory, prefill_lengths
 
 COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
 STATEFUL_TARGETS = ("iOS18", "macOS15")
@@ -30,11 +32,15 @@ STATEFUL_TARGETS = ("iOS18", "macOS15")
 
 @dataclass(frozen=True)
 class CoreMLOptions:
-    """compute_units: where Core ML may run it; block_size: int4 per-block size."""
+    """compute_units: where Core ML may run it; block_size: int4 per-block size; chunks: parts to
+    convert (and ship) separately, or auto (the fewest that convert in the available memory);
+    prefill_chunks: the prefill functions' chunk lengths, capped at the cache capacity."""
 
     compute_units: str = "ALL"
     deployment_target: str = "iOS18"
     block_size: int = 32
+    chunks: str = "auto"
+    prefill_chunks: str = DEFAULT_PREFILL
 
 
 class CoreMLTarget:
@@ -45,8 +51,8 @@ class CoreMLTarget:
     precisions = ("fp16", "fp32", "int8", "int4", "palette4")
     options_type = CoreMLOptions
     runtime_packages = ("coremltools", "scikit-learn")
-    # coremltools converts the whole fp32 model: 7.2 GiB for 1.02 GiB of fp16 output (3.5x its fp32 weights).
-    export_memory = ExportMemory(fp32_factor=3.6, tensors_in_flight=0)
+    # Converted part by part, the weights bound in MIL one at a time (targets/coreml/weights.py).
+    export_memory = PartsMemory()
     # Conversion and MIL-level validation run anywhere; MLModel.predict needs a Mac.
     device_checks = ("macos",)
 
@@ -76,6 +82,9 @@ class CoreMLTarget:
                             f"Core ML state needs {' or '.join(STATEFUL_TARGETS)} or newer")
         if options.block_size < 1:
             raise UserError(f"block_size must be positive, got {options.block_size}")
+        prefill_lengths(options.prefill_chunks, 1 << 30)
+        if options.chunks != "auto" and not options.chunks.isdigit():
+            raise UserError(f"chunks={options.chunks!r} is neither a number of parts nor auto")
 
     def lower(self, inp: LowerInput, out_dir: Path) -> Lowered:
         from targets.coreml.compress import compressor
@@ -107,11 +116,12 @@ class CoreMLTarget:
         return "fp16"
 
     def load(self, artifact: Path, manifest: dict[str, Any], device: str | None) -> Any:
+        from targets.coreml.pipeline import load as load_pipeline
         from targets.coreml.runner import DeviceRunner, MilRunner
 
         cfg, cache = manifest["model"]["config"], manifest["cache"]
         shape = (1, cfg["num_key_value_heads"], cache["capacity"], cfg["head_dim"])
-        args = (artifact, cache["capacity"], cache["window"], cfg["num_hidden_layers"], shape)
+        args = (load_pipeline(Path(artifact), manifest), cache["capacity"], cache["window"], shape)
         if platform.system() == "Darwin":
             return DeviceRunner(*args, compute_units=manifest["target"]["compute_units"])
         return MilRunner(*args)

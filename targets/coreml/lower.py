@@ -1,109 +1,194 @@
-"""Lower the canonical program to a stateful, multifunction Core ML mlpackage.
+"""Lower the canonical program to stateful, multifunction Core ML mlpackages, one per part.
 
 Core ML state is a model buffer updated in place, while the canonical program takes its caches as
 inputs and returns them. A thin wrapper module therefore holds one fp16 buffer per layer and K/V,
 calls the (decomposed) program's own graph module and copies the new caches back; torch.export of that
-wrapper is what coremltools converts. The wrapper re-traces only the exported graph, never the eager
-model, and adds no math besides the fp16 casts that Core ML's state type requires.
+wrapper is what coremltools converts. The wrapper re-traces only the exported graph and adds no math
+besides the fp16 casts that Core ML's state type requires.
+
+One part (the default for models that convert in the memory at hand) converts the traced program
+itself. With several (`chunks`), each part's program is traced from the canonical model's own layers
+(exporter.model.MistralPart: same code, same parameter names), bound, converted and freed before the
+next, so only one part's weights are ever in memory (targets/coreml/pipeline.py).
 """
 
 from __future__ import annotations
 
+import functools
 import gc
+import importlib
 import logging
-import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.export import ExportedProgram
 
 from exporter.attention import decompose
 from exporter.config import MistralConfig
-from exporter.trace import bind
+from exporter.program_file import parameter_shapes
+from exporter.trace import TraceSpec, traced
 from targets.base import LowerInput
-
-MODEL_FILE = "model.mlpackage"
-FUNCTIONS = {"prefill": None, "decode": 1}  # chunk length per function; None = the cache capacity
+from targets.coreml import fp16_pass
+from targets.coreml.pipeline import DECODE, HIDDEN_OUT, describe, part_file, plan_parts, prefill_lengths, prefill_name, state_name
+from targets.coreml.weights import bind_mil
 
 
 def quiet_coremltools() -> Any:
     """Import coremltools without its start-up chatter about untested torch and missing macOS libs,
     and without its per-pass progress bars (our own progress bar reports the conversion)."""
     logging.getLogger("coremltools").setLevel(logging.ERROR)
-    os.environ.setdefault("TQDM_DISABLE", "1")
     import coremltools
 
+    _silence_bars()
     return coremltools
 
 
-def state_name(kind: str, layer: int) -> str:
-    return f"{kind}_cache_{layer}"
+# coremltools' modules that bind tqdm at import: TQDM_DISABLE is read when tqdm itself is first imported,
+# which torch or transformers have usually done already, so each module's name is rebound instead.
+_BARS = {"coremltools.converters.mil.mil.passes.pass_pipeline": "tqdm",
+         "coremltools.converters.mil.frontend.torch.ops": "_tqdm",
+         "coremltools.optimize.coreml._post_training_quantization": "tqdm",
+         "coremltools.optimize.coreml._quantization_passes": "tqdm"}
+
+
+def _silence_bars() -> None:
+    from tqdm import tqdm
+
+    for module, attr in _BARS.items():
+        try:
+            loaded = importlib.import_module(module)
+        except ImportError:  # a coremltools release that moved it: its bars show, nothing breaks
+            continue
+        if hasattr(loaded, attr):
+            setattr(loaded, attr, functools.partial(tqdm, disable=True))
 
 
 class StatefulWrapper(nn.Module):
-    """Holds the KV caches as fp16 buffers (Core ML states) around the canonical graph."""
+    """Holds a part's KV caches as fp16 buffers (Core ML states) around its canonical graph, which maps
+    input_ids (the first part) or hidden states to logits (the last part) or hidden states."""
 
-    def __init__(self, graph: nn.Module, cfg: MistralConfig, capacity: int, dtype: torch.dtype) -> None:
+    def __init__(self, graph: nn.Module, cfg: MistralConfig, capacity: int, dtype: torch.dtype,
+                 layers: range) -> None:
         super().__init__()
         self.canonical = graph
         self.dtype = dtype
-        self.layers = cfg.num_hidden_layers
+        self.layers = layers
         shape = (1, cfg.num_key_value_heads, capacity, cfg.head_dim)
-        for i in range(self.layers):
+        for i in layers:
             self.register_buffer(state_name("k", i), torch.zeros(shape, dtype=torch.float16))
             self.register_buffer(state_name("v", i), torch.zeros(shape, dtype=torch.float16))
 
+    def run(self, x: Tensor, positions: Tensor) -> Tensor:
+        ks = [getattr(self, state_name("k", i)).to(self.dtype) for i in self.layers]
+        vs = [getattr(self, state_name("v", i)).to(self.dtype) for i in self.layers]
+        out, new_k, new_v = self.canonical(x, positions, ks, vs)
+        for i, k, v in zip(self.layers, new_k, new_v):
+            getattr(self, state_name("k", i)).copy_(k.half())
+            getattr(self, state_name("v", i)).copy_(v.half())
+        return out
+
+
+class IdsWrapper(StatefulWrapper):
+    # torch.export names the Core ML inputs after forward's arguments.
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        ks = [getattr(self, state_name("k", i)).to(self.dtype) for i in range(self.layers)]
-        vs = [getattr(self, state_name("v", i)).to(self.dtype) for i in range(self.layers)]
-        logits, new_k, new_v = self.canonical(input_ids, positions, ks, vs)
-        for i in range(self.layers):
-            getattr(self, state_name("k", i)).copy_(new_k[i].half())
-            getattr(self, state_name("v", i)).copy_(new_v[i].half())
-        return logits
+        return self.run(input_ids, positions)
 
 
-def _convert(wrapper: StatefulWrapper, chunk: int, precision: str, target: str) -> Any:
-    ct = quiet_coremltools()
-    example = (torch.zeros(1, chunk, dtype=torch.long), torch.arange(chunk).unsqueeze(0))
-    program = torch.export.export(wrapper, example).run_decompositions({})
+class HiddenWrapper(StatefulWrapper):
+    def forward(self, hidden: Tensor, positions: Tensor) -> Tensor:
+        return self.run(hidden, positions)
+
+
+def _pipeline(ct: Any, fp16: bool, placeholders: bool) -> Any:
+    pipeline = ct.PassPipeline.DEFAULT
     # canonicalize_inplace_pattern only reorders state writes, and it trips over the multi-state
     # update pattern in coremltools 9.0 (a KeyError on a removed op); the program is the same without it.
-    pipeline = ct.PassPipeline.DEFAULT
     pipeline.remove_passes({"common::canonicalize_inplace_pattern"})
-    compute = ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16
-    return ct.convert(program, convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, target),
-                      compute_precision=compute, outputs=[ct.TensorType(name="logits")],
-                      pass_pipeline=pipeline, skip_model_load=True)
+    if placeholders:  # it would merge equal placeholders (targets/coreml/weights.py)
+        pipeline.remove_passes({"common::const_deduplication"})
+    if fp16:
+        fp16_pass.use_in(pipeline)  # the same pass with a memory-bounded overflow check
+    return pipeline
 
 
-def lower_to_mlpackage(inp: LowerInput, out: Path, compress: Any) -> dict[str, Any]:
-    """Write out/model.mlpackage with `prefill` and `decode` functions sharing one weight file."""
+def _convert(wrapper: StatefulWrapper, example: Tensor, output: str, precision: str, target: str,
+             names: list[str], rows: Any) -> Any:
+    """Convert the weight-free wrapper to MIL, bind the weights there, and finish the mlprogram."""
     ct = quiet_coremltools()
-    program = inp.program()
+    chunk = example.shape[1]
+    program = torch.export.export(wrapper, (example, torch.arange(chunk).unsqueeze(0))).run_decompositions({})
+    fp16 = precision != "fp32"
+    compute = ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32
+    deployment = getattr(ct.target, target)
+    mil = ct.convert(program, convert_to="milinternal", minimum_deployment_target=deployment,
+                     compute_precision=compute, outputs=[ct.TensorType(name=output)],
+                     pass_pipeline=_pipeline(ct, fp16, placeholders=True))
+    del program
+    bind_mil(mil, names, rows, fp16)
+    return ct.convert(mil, convert_to="mlprogram", minimum_deployment_target=deployment, compute_precision=compute,
+                      pass_pipeline=_pipeline(ct, fp16, placeholders=False), skip_model_load=True)
+
+
+def _part_program(inp: LowerInput, start: int, end: int, parts: int) -> ExportedProgram:
+    """The weight-free program of layers [start, end): the traced whole for one part, else that part
+    traced from the same canonical model code (exporter.model.MistralPart) in the same dtype."""
+    if parts == 1:
+        return inp.program()
+    dtype = next(iter(inp.traced.state_dict.values())).dtype
+    return traced(TraceSpec(inp.config, inp.capacity, dtype, layers=(start, end))).program
+
+
+def _write_part(inp: LowerInput, compress: Any, program: ExportedProgram, layers: range,
+                functions: dict[str, int], dest: Path, step: Any) -> None:
+    """Convert each function of the weight-free part, bind its weights in MIL, merge into dest."""
+    ct = quiet_coremltools()
+    cfg = inp.config
     names = list(program.state_dict)
-    # coremltools needs every weight in the torch program: this is the one full copy (documented),
-    # in the traced dtype (fp16 unless the precision is fp32).
-    bind(program, inp.weight)
     dtype = next(iter(program.state_dict.values())).dtype
     graph = decompose(program, expand_gqa=True).module()
-    wrapper = StatefulWrapper(graph, inp.config, inp.capacity, dtype)
+    first, last = layers.start == 0, layers.stop == cfg.num_hidden_layers
+    wrapper = (IdsWrapper if first else HiddenWrapper)(graph, cfg, inp.capacity, dtype, layers)
+    output = "logits" if last else HIDDEN_OUT
     with tempfile.TemporaryDirectory() as tmp:
         descriptor = ct.utils.MultiFunctionDescriptor()
-        for i, (function, chunk) in enumerate(FUNCTIONS.items()):
-            inp.progress(f"coreml: converting {function}", i / (len(FUNCTIONS) + 1))
-            model = compress(_convert(wrapper, chunk or inp.capacity, inp.precision,
-                                      inp.options.deployment_target))
+        for function, chunk in functions.items():
+            step(f"converting {function}")
+            example = (torch.zeros(1, chunk, dtype=torch.long) if first
+                       else torch.zeros(1, chunk, cfg.hidden_size, dtype=dtype))
+            model = compress(_convert(wrapper, example, output, inp.precision, inp.options.deployment_target,
+                                      names, inp.weight_rows))
             path = Path(tmp) / f"{function}.mlpackage"
             model.save(str(path))
             del model  # the next conversion should not stack on this one's weight copies
             gc.collect()
             descriptor.add_function(str(path), src_function_name="main", target_function_name=function)
-        descriptor.default_function_name = "decode"
-        inp.progress("coreml: merging functions", len(FUNCTIONS) / (len(FUNCTIONS) + 1))
-        ct.utils.save_multifunction(descriptor, str(out / MODEL_FILE))
-    shutil.rmtree(Path(tmp), ignore_errors=True)
-    return {"functions": {f: {"chunk": c or inp.capacity} for f, c in FUNCTIONS.items()}, "weights": len(names)}
+        descriptor.default_function_name = DECODE
+        step("merging functions")
+        ct.utils.save_multifunction(descriptor, str(dest))
+
+
+def lower_to_mlpackage(inp: LowerInput, out: Path, compress: Any) -> dict[str, Any]:
+    """Write one multifunction mlpackage per part (prefill at each enumerated length, decode at 1,
+    sharing one weight file), part after part so only one part's weights are in memory."""
+    lengths = prefill_lengths(inp.options.prefill_chunks, inp.capacity)
+    parts = plan_parts(inp.config, inp.options.chunks)
+    functions = {prefill_name(n): n for n in lengths} | {DECODE: 1}
+    total = len(parts) * (len(functions) + 1)
+    done = 0
+
+    for index, (start, end) in enumerate(parts):
+        def step(what: str, index: int = index) -> None:
+            nonlocal done
+            where = f" part {index + 1}/{len(parts)}" if len(parts) > 1 else ""
+            inp.progress(f"coreml{where}: {what}", done / total)
+            done += 1
+
+        step("tracing" if len(parts) > 1 else "binding weights")
+        program = _part_program(inp, start, end, len(parts))
+        _write_part(inp, compress, program, range(start, end), functions, out / part_file(index, len(parts)), step)
+        del program
+        gc.collect()
+    return {"pipeline": describe(inp.config, parts, lengths), "weights": len(parameter_shapes(inp.config))}

@@ -3,7 +3,7 @@ palettization) materialised by coremltools' own decompression, fp16 consts as st
 exactly with the source weight (as fp16, what coremltools compresses) encoded again by the same
 coremltools routine the compression pass calls, with the block sizes the recorded settings imply.
 
-MIL consts keep the torch parameter names: `p_canonical_<name with _ for .>_to_fp16[_quantized|_palettized]`.
+MIL consts keep the torch parameter names (targets/coreml/weights.py), `_quantized` or `_palettized` added.
 """
 
 from __future__ import annotations
@@ -18,11 +18,7 @@ from exporter.checkpoint import WeightSource
 from exporter.config import MistralConfig
 from exporter.program_file import parameter_shapes
 from targets.base import Readback
-from targets.coreml.lower import MODEL_FILE
-
-
-def mil_name(name: str) -> str:
-    return "p_canonical_" + name.replace(".", "_") + "_to_fp16"
+from targets.coreml.weights import mil_name
 
 
 def _expected_blocks(precision: str, shape: tuple[int, ...], block_size: int) -> list[int]:
@@ -61,16 +57,19 @@ def _palette(op: Any, value: np.ndarray) -> str | None:
 
 def readback(artifact: Path, manifest: dict[str, Any], source: WeightSource) -> Readback:
     from targets.coreml.mil_eval import _materialize
+    from targets.coreml.pipeline import DECODE
+    from targets.coreml.pipeline import load as load_pipeline
     from targets.coreml.runner import load_mil_program
 
     cfg = MistralConfig(**manifest["model"]["config"])
     precision = manifest["target"]["precision"]
     block_size = int(manifest["target"]["options"].get("block_size", 32))
-    ops = {op.name: op for op in load_mil_program(artifact / MODEL_FILE).functions["decode"].operations}
+    ops = {op.name: op for part in load_pipeline(artifact, manifest).parts
+           for op in load_mil_program(part.path).functions[DECODE].operations}
     weights: dict[str, torch.Tensor] = {}
     mismatches: list[str] = []
     for name in parameter_shapes(cfg):
-        key = mil_name(name)
+        key = mil_name(name, fp16=True)
         # What coremltools compresses: the fp32 source cast to fp16 (its FP16ComputePrecision pass).
         value = source.parameter(name, torch.float32).numpy().astype(np.float16)
         op = ops.get(key + "_quantized") or ops.get(key + "_palettized") or ops.get(key)
