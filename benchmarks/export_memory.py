@@ -6,6 +6,7 @@ the peers' exporters on the same checkpoint, each in its own child process measu
     python benchmarks/export_memory.py --checkpoint /data/m1b --peers --genai-python .venv/bin/python \\
         --optimum-cli /work/venv-optimum/bin/optimum-cli
     python benchmarks/export_memory.py --checkpoint /data/m1b --adapter /data/m1b-lora   # with and without
+    python benchmarks/export_memory.py --checkpoint /data/m7b --targets coreml:fp16,coreml:int4  # parts: auto
 
 Prints a table with the ratio of peak RSS to the output's weight bytes (goal: <= 1.25x plus a small
 constant for ONNX Runtime and OpenVINO).
@@ -14,6 +15,7 @@ constant for ONNX Runtime and OpenVINO).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -30,6 +32,19 @@ def weight_bytes(folder: Path) -> int:
                and (p.suffix in WEIGHT_SUFFIXES or "weights" in p.parts))
 
 
+def largest_part_gb(out: Path) -> float | None:
+    """A Core ML artifact's largest part, in fp32 weight bytes (the unit of its memory goal)."""
+    from exporter.config import MistralConfig
+    from targets.coreml.pipeline import part_fp32_bytes
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    parts = manifest["target"].get("pipeline", {}).get("parts")
+    if not parts:
+        return None
+    cfg = MistralConfig(**manifest["model"]["config"])
+    return max(part_fp32_bytes(cfg, *p["layers"]) for p in parts) / 2**30
+
+
 def measure(cmd: list[str], out: Path) -> dict[str, float | str]:
     """Run cmd under GNU time; peak RSS from the kernel's accounting of that child."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
@@ -44,16 +59,23 @@ def measure(cmd: list[str], out: Path) -> dict[str, float | str]:
     if not out.is_dir():  # a command that exits 0 without writing must not read as a zero-byte build
         return {"error": f"exit code 0 but nothing was written at {out}", "wall_s": wall, "peak_rss_gb": peak_kb / 2**20}
     size = weight_bytes(out)
+    part = largest_part_gb(out) if (out / "manifest.json").is_file() else None
     shutil.rmtree(out, ignore_errors=True)
-    return {"peak_rss_gb": peak_kb / 2**20, "wall_s": wall, "weights_gb": size / 2**30,
-            "ratio": (peak_kb * 1024) / size if size else float("nan")}
+    row: dict[str, float | str] = {"peak_rss_gb": peak_kb / 2**20, "wall_s": wall, "weights_gb": size / 2**30,
+                                   "ratio": (peak_kb * 1024) / size if size else float("nan")}
+    if part is not None:
+        row["largest_part_fp32_gb"] = part
+    return row
 
 
-def ours(checkpoint: Path, target: str, precision: str, workdir: Path,
-         adapter: Path | None = None) -> dict[str, float | str]:
+def ours(checkpoint: Path | None, target: str, precision: str, workdir: Path,
+         adapter: Path | None = None, options: tuple[str, ...] = ()) -> dict[str, float | str]:
     out = workdir / f"ours-{target}-{precision}"
+    source = ["--checkpoint", str(checkpoint)] if checkpoint is not None else ["--preset", "tiny"]
     cmd = [sys.executable, "-m", "mistral_export.entry", "build", "--target", target, "--precision", precision,
-           "--checkpoint", str(checkpoint), "--out", str(out), "--force", "--no-validate"]
+           *source, "--out", str(out), "--force", "--no-validate"]
+    for option in options:
+        cmd += ["--option", option]
     if adapter is not None:
         cmd += ["--adapter", str(adapter)]
     if target == "tensorrt":  # the engine needs a GPU; the export is the engine-ready ONNX
@@ -89,17 +111,30 @@ def main() -> int:
                         help="the checkpoint for optimum-intel if it differs (e.g. a config.json without "
                              "layer_types, which optimum-intel 2.2 refuses)")
     parser.add_argument("--peer-precisions", default="fp16,int8,int4")
+    parser.add_argument("--option", action="append", default=[], metavar="TARGET:KEY=VALUE",
+                        help="a target option for that target's builds, e.g. coreml:chunks=4 (repeatable)")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="export-memory-"))
+    options: dict[str, list[str]] = {}
+    for option in args.option:
+        target, _, setting = option.partition(":")
+        options.setdefault(target, []).append(setting)
     rows = []
-    for pair in args.targets.split(","):
-        target, precision = pair.split(":")
-        rows.append((f"mistral-export {target}", precision, ours(args.checkpoint, target, precision, workdir)))
+    targets = [pair.split(":") for pair in args.targets.split(",")]
+    if any(t == "coreml" for t, _ in targets):
+        # The process baseline of the Core ML goal: the same command on the tiny preset (imports, trace,
+        # converter state), measured in this run.
+        baseline = ours(None, "coreml", "fp16", workdir)
+        print(f"baseline (coreml fp16 build of the tiny preset): {baseline}", flush=True)
+    for target, precision in targets:
+        rows.append((f"mistral-export {target}", precision,
+                     ours(args.checkpoint, target, precision, workdir, options=tuple(options.get(target, ())))))
         print(f"{rows[-1][0]} {precision}: {rows[-1][2]}", flush=True)
         if args.adapter is not None:
             rows.append((f"mistral-export {target} + LoRA", precision,
-                         ours(args.checkpoint, target, precision, workdir, args.adapter)))
+                         ours(args.checkpoint, target, precision, workdir, args.adapter,
+                              tuple(options.get(target, ())))))
             print(f"{rows[-1][0]} {precision}: {rows[-1][2]}", flush=True)
     if args.peers:
         precisions = args.peer_precisions.split(",")
@@ -121,6 +156,17 @@ def main() -> int:
         else:
             print(f"| {name} | {precision} | {r['peak_rss_gb']:.2f} | {r['weights_gb']:.2f} | {r['ratio']:.2f}x | "
                   f"{r['wall_s']:.0f} |")
+    parts = [(name, precision, r) for name, precision, r in rows if "largest_part_fp32_gb" in r]
+    if parts:
+        base = float(baseline["peak_rss_gb"])
+        print(f"\nCore ML goal: peak <= 1.25 x the largest part's fp32 weights + the baseline ({base:.2f} GiB)\n")
+        print("| exporter | precision | largest part fp32 GiB | peak RSS GiB | (peak - baseline) / part | goal met |")
+        print("|---|---|---|---|---|---|")
+        for name, precision, r in parts:
+            part = float(r["largest_part_fp32_gb"])
+            factor = (float(r["peak_rss_gb"]) - base) / part
+            print(f"| {name} | {precision} | {part:.2f} | {r['peak_rss_gb']:.2f} | {factor:.2f} | "
+                  f"{'yes' if factor <= 1.25 else 'no'} |")
     return 0
 
 
