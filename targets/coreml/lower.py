@@ -19,6 +19,7 @@ import gc
 import importlib
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ def quiet_coremltools() -> Any:
     """Import coremltools without its start-up chatter about untested torch and missing macOS libs,
     and without its per-pass progress bars (our own progress bar reports the conversion)."""
     logging.getLogger("coremltools").setLevel(logging.ERROR)
+    # Its constant folding casts the -inf of masks and the range bounds of repeat ops through fp16 and
+    # numpy warns per op; weight overflow is checked on our side (weights.dense), not by these warnings.
+    warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning, r"coremltools\.")
     import coremltools
 
     _silence_bars()
