@@ -65,6 +65,17 @@ def test_package_has_functions_states_and_sdpa(fp16_artifact: Path) -> None:
     assert [p["file"] for p in manifest["target"]["pipeline"]["parts"]] == ["model.mlpackage"]  # auto: one part
 
 
+def test_functions_share_one_copy_of_the_weights(fp16_artifact: Path) -> None:
+    # prefill_16 and decode bind the same arrays and are deduplicated across functions: the weight file
+    # holds each parameter once in fp16 (plus small constants), not once per function.
+    from exporter.config import MistralConfig
+    from exporter.program_file import parameter_shapes
+
+    cfg = MistralConfig(**json.loads((fp16_artifact / "manifest.json").read_text())["model"]["config"])
+    fp16_bytes = 2 * sum(int(np.prod(shape)) for shape in parameter_shapes(cfg).values())
+    assert fp16_bytes <= _weights_bytes(fp16_artifact) < 1.2 * fp16_bytes
+
+
 def test_mil_reference_parity_is_labelled(fp16_artifact: Path) -> None:
     report = json.loads((fp16_artifact / "report.json").read_text())
     assert report["parity"]["status"] == "passed"

@@ -7,10 +7,19 @@ of the largest tensor, and 75 % of the conversion time of a 7B-dims layer (15.7 
 3.33 GiB against 1.80 GiB without it; benchmarks/coreml_part_memory.py). This pass makes the same
 decision (the largest |value| below 1e38 above 65504) block by block, with no index arrays, and is
 otherwise coremltools' own pass.
+
+It also keeps the weight-free program weight-free. coremltools casts each fp32 const when it inserts
+the cast (pymil infers the value of an op on consts at once), which turns every zero-stride placeholder
+(targets/coreml/weights.py) into a dense fp16 array, and its underflow check flattens it into a dense
+fp32 copy: half, and for a moment one and a half, the part's fp32 weight bytes, only to be replaced
+by the real weights when they are bound. A placeholder's cast is made here as the zero-stride fp16
+const it would fold into, under the same name.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -31,11 +40,44 @@ def overflows(value: np.ndarray) -> bool:
     return False
 
 
+def placeholder(var: Any) -> bool:
+    """A weight placeholder: a const whose value is one element broadcast to its shape (no memory)."""
+    value = var.val if var.op is not None and var.op.op_type == "const" else None
+    return isinstance(value, np.ndarray) and value.size > 1 and not any(value.strides)
+
+
+class _Builder:
+    """coremltools' op builder, except that a placeholder's fp16 cast is the fp16 placeholder itself."""
+
+    def __init__(self, builder: Any) -> None:
+        self._builder = builder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._builder, name)
+
+    def cast(self, x: Any, dtype: str, name: str | None = None, before_op: Any = None) -> Any:
+        if dtype == "fp16" and placeholder(x):
+            value = np.broadcast_to(np.zeros((), np.float16), x.val.shape)
+            return self._builder.const(val=value, name=name, before_op=before_op)
+        return self._builder.cast(x=x, dtype=dtype, name=name, before_op=before_op)
+
+
+@contextlib.contextmanager
+def _placeholder_casts(module: Any) -> Iterator[None]:
+    builder = module.mb
+    module.mb = _Builder(builder)
+    try:
+        yield
+    finally:
+        module.mb = builder
+
+
 def register() -> str:
     """Register the pass (once) and return its name for a PassPipeline."""
     from targets.coreml.lower import quiet_coremltools  # lower imports this module
 
     quiet_coremltools()
+    from coremltools.converters.mil.mil.passes.defs import quantization
     from coremltools.converters.mil.mil.passes.defs.quantization import add_fp16_cast
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY, register_pass
 
@@ -49,9 +91,17 @@ def register() -> str:
             for inputs in op.inputs.values():
                 for var in inputs if isinstance(inputs, (list, tuple)) else (inputs,):
                     if (var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32")
-                            and overflows(var.op.val.val)):
+                            and not placeholder(var) and overflows(var.op.val.val)):
                         return True
             return False
+
+        def apply(self, prog: Any) -> None:
+            with _placeholder_casts(quantization):
+                super().apply(prog)
+
+        def _check_underflow_to_zero(self, new_var: Any, var: Any) -> None:
+            if not placeholder(var):  # a placeholder is all zero: nothing can underflow
+                super()._check_underflow_to_zero(new_var, var)
 
     return NAME
 

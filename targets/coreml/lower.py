@@ -18,7 +18,6 @@ import functools
 import gc
 import importlib
 import logging
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from exporter.trace import TraceSpec, traced
 from targets.base import LowerInput
 from targets.coreml import fp16_pass
 from targets.coreml.pipeline import DECODE, HIDDEN_OUT, describe, part_file, plan_parts, prefill_lengths, prefill_name, state_name
-from targets.coreml.weights import bind_mil
+from targets.coreml.weights import bind_mil, share_consts
 
 
 def quiet_coremltools() -> Any:
@@ -106,34 +105,57 @@ class HiddenWrapper(StatefulWrapper):
         return self.run(hidden, positions)
 
 
-def _pipeline(ct: Any, fp16: bool, placeholders: bool) -> Any:
+def _pipeline(ct: Any, fp16: bool) -> Any:
+    """coremltools' main pipeline, run on the weight-free program (binding comes after it)."""
     pipeline = ct.PassPipeline.DEFAULT
     # canonicalize_inplace_pattern only reorders state writes, and it trips over the multi-state
     # update pattern in coremltools 9.0 (a KeyError on a removed op); the program is the same without it.
-    pipeline.remove_passes({"common::canonicalize_inplace_pattern"})
-    if placeholders:  # it would merge equal placeholders (targets/coreml/weights.py)
-        pipeline.remove_passes({"common::const_deduplication"})
+    # const_deduplication would merge equal placeholders (targets/coreml/weights.py); the backend
+    # pipeline runs it on the bound weights.
+    pipeline.remove_passes({"common::canonicalize_inplace_pattern", "common::const_deduplication"})
     if fp16:
         fp16_pass.use_in(pipeline)  # the same pass with a memory-bounded overflow check
     return pipeline
 
 
-def _convert(wrapper: StatefulWrapper, example: Tensor, output: str, precision: str, target: str,
-             names: list[str], rows: Any) -> Any:
-    """Convert the weight-free wrapper to MIL, bind the weights there, and finish the mlprogram."""
+def _function(wrapper: StatefulWrapper, example: Tensor, output: str, inp: LowerInput, names: list[str],
+              shared: dict[str, Any], compress: Any) -> Any:
+    """One function as a finished MIL program: the weight-free wrapper converted, its weights bound
+    (arrays shared with the part's other functions), compressed, and through coremltools' backend passes."""
     ct = quiet_coremltools()
+    from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipelineManager
+
     chunk = example.shape[1]
     program = torch.export.export(wrapper, (example, torch.arange(chunk).unsqueeze(0))).run_decompositions({})
-    fp16 = precision != "fp32"
-    compute = ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32
-    deployment = getattr(ct.target, target)
-    mil = ct.convert(program, convert_to="milinternal", minimum_deployment_target=deployment,
-                     compute_precision=compute, outputs=[ct.TensorType(name=output)],
-                     pass_pipeline=_pipeline(ct, fp16, placeholders=True))
+    fp16 = inp.precision != "fp32"
+    mil = ct.convert(program, convert_to="milinternal",
+                     minimum_deployment_target=getattr(ct.target, inp.options.deployment_target),
+                     compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
+                     outputs=[ct.TensorType(name=output)], pass_pipeline=_pipeline(ct, fp16))
     del program
-    bind_mil(mil, names, rows, fp16)
-    return ct.convert(mil, convert_to="mlprogram", minimum_deployment_target=deployment, compute_precision=compute,
-                      pass_pipeline=_pipeline(ct, fp16, placeholders=False), skip_model_load=True)
+    bind_mil(mil, names, inp.weight_rows, fp16, shared)
+    gc.collect()  # the placeholders bind_mil removed are in reference cycles: free them before the next function
+    compress(mil)
+    PassPipelineManager.apply_pipeline(mil, ct.PassPipeline.get_pipeline("backend_mlprogram"))
+    return mil
+
+
+def _save_multifunction(ct: Any, functions: dict[str, Any], target: str, dest: Path) -> None:
+    """Write the functions as one multifunction mlpackage, their shared consts (share_consts) stored once.
+
+    This is what coremltools' save_multifunction does after it has loaded each function back from a saved
+    package: here the functions are still in memory and already share their weights."""
+    from coremltools.converters.mil.mil import Program
+
+    merged = Program()
+    for name, mil in functions.items():
+        merged.add_function(name, mil.functions["main"])
+    merged.default_function_name = DECODE
+    merged.skip_all_passes = True  # each function went through the pipelines on its own
+    merged.export_as_multifunction = True
+    model = ct.convert(merged, convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, target),
+                       skip_model_load=True)
+    model.save(str(dest))
 
 
 def _part_program(inp: LowerInput, start: int, end: int, parts: int) -> ExportedProgram:
@@ -147,7 +169,7 @@ def _part_program(inp: LowerInput, start: int, end: int, parts: int) -> Exported
 
 def _write_part(inp: LowerInput, compress: Any, program: ExportedProgram, layers: range,
                 functions: dict[str, int], dest: Path, step: Any) -> None:
-    """Convert each function of the weight-free part, bind its weights in MIL, merge into dest."""
+    """Convert each function of the weight-free part, bind its weights in MIL, save them as one package."""
     ct = quiet_coremltools()
     cfg = inp.config
     names = list(program.state_dict)
@@ -156,22 +178,18 @@ def _write_part(inp: LowerInput, compress: Any, program: ExportedProgram, layers
     first, last = layers.start == 0, layers.stop == cfg.num_hidden_layers
     wrapper = (IdsWrapper if first else HiddenWrapper)(graph, cfg, inp.capacity, dtype, layers)
     output = "logits" if last else HIDDEN_OUT
-    with tempfile.TemporaryDirectory() as tmp:
-        descriptor = ct.utils.MultiFunctionDescriptor()
-        for function, chunk in functions.items():
-            step(f"converting {function}")
-            example = (torch.zeros(1, chunk, dtype=torch.long) if first
-                       else torch.zeros(1, chunk, cfg.hidden_size, dtype=dtype))
-            model = compress(_convert(wrapper, example, output, inp.precision, inp.options.deployment_target,
-                                      names, inp.weight_rows))
-            path = Path(tmp) / f"{function}.mlpackage"
-            model.save(str(path))
-            del model  # the next conversion should not stack on this one's weight copies
-            gc.collect()
-            descriptor.add_function(str(path), src_function_name="main", target_function_name=function)
-        descriptor.default_function_name = DECODE
-        step("merging functions")
-        ct.utils.save_multifunction(descriptor, str(dest))
+    shared: dict[str, Any] = {}
+    consts: dict[str, Any] = {}
+    converted = {}
+    for function, chunk in functions.items():
+        step(f"converting {function}")
+        example = (torch.zeros(1, chunk, dtype=torch.long) if first
+                   else torch.zeros(1, chunk, cfg.hidden_size, dtype=dtype))
+        converted[function] = _function(wrapper, example, output, inp, names, shared, compress)
+        share_consts(converted[function].functions["main"], consts)
+        gc.collect()  # a compressed function's own copies of the weights, now replaced by the first's
+    step("writing")
+    _save_multifunction(ct, converted, inp.options.deployment_target, dest)
 
 
 def lower_to_mlpackage(inp: LowerInput, out: Path, compress: Any) -> dict[str, Any]:
@@ -180,7 +198,7 @@ def lower_to_mlpackage(inp: LowerInput, out: Path, compress: Any) -> dict[str, A
     lengths = prefill_lengths(inp.options.prefill_chunks, inp.capacity)
     parts = plan_parts(inp.config, inp.options.chunks)
     functions = {prefill_name(n): n for n in lengths} | {DECODE: 1}
-    total = len(parts) * (len(functions) + 1)
+    total = len(parts) * (len(functions) + 2)  # tracing, each function, writing
     done = 0
 
     for index, (start, end) in enumerate(parts):

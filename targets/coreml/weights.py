@@ -47,8 +47,12 @@ def dense(rows: Rows, dtype: type, check_fp16: bool) -> np.ndarray:
     return out
 
 
-def bind_mil(program: object, names: Iterable[str], rows: Callable[[str], Rows], fp16: bool) -> None:
-    """Replace each parameter's placeholder const in the program's main function with its weight."""
+def bind_mil(program: object, names: Iterable[str], rows: Callable[[str], Rows], fp16: bool,
+             shared: dict[str, np.ndarray]) -> None:
+    """Replace each parameter's placeholder const in the program's main function with its weight.
+
+    `shared` holds the arrays already read for another function of the same part: every function binds
+    the same array, so a part's weights are in memory once however many functions it has."""
     from coremltools.converters.mil import Builder as mb
 
     function = program.functions["main"]  # type: ignore[attr-defined]
@@ -60,7 +64,9 @@ def bind_mil(program: object, names: Iterable[str], rows: Callable[[str], Rows],
             old = consts.pop(key, None)
             if old is None:
                 raise RuntimeError(f"the converted program has no const {key} for weight {name}")
-            value = dense(rows(name), dtype, fp16)
+            value = shared.get(name)
+            if value is None:
+                value = shared[name] = dense(rows(name), dtype, fp16)
             stub = old.outputs[0]
             if tuple(stub.shape) != value.shape or stub.val.dtype != dtype:
                 raise RuntimeError(f"const {key} is {tuple(stub.shape)} {stub.val.dtype}, the weight {value.shape} {dtype}")
@@ -69,3 +75,34 @@ def bind_mil(program: object, names: Iterable[str], rows: Callable[[str], Rows],
             function.remove_ops([old])
             new.op.name = new.name = key  # the parameter's own name, as readback and apps see it
             new.op.scopes = old.scopes  # where it came from in the torch program (coremltools checks it)
+
+
+def share_consts(function: object, earlier: dict[str, object]) -> None:
+    """Point a function's consts at the equal, same-named consts of the part's functions converted before
+    it: one array in memory and one blob entry in the package each (coremltools' weight_id).
+
+    coremltools' save_multifunction finds such duplicates by comparing every constant of every function
+    with np.allclose, which at 7B takes minutes and several copies of the largest weight; here the bound
+    weights are already one array (bind_mil's `shared`) and compressed ones are compared exactly once."""
+    from coremltools.converters.mil import Builder as mb
+
+    with function:  # type: ignore[attr-defined]
+        for op in list(function.operations):  # type: ignore[attr-defined]
+            value = op.outputs[0].val if op.op_type == "const" else None
+            if not isinstance(value, np.ndarray):
+                continue
+            first = earlier.setdefault(op.name, op)
+            known = first.outputs[0].val  # type: ignore[attr-defined]
+            if first is op or known.dtype != value.dtype or known.shape != value.shape or not (
+                    known is value or np.array_equal(known, value)):
+                continue
+            if first.weight_id is None:  # type: ignore[attr-defined]
+                first.weight_id = f"shared/{op.name}"  # type: ignore[attr-defined]
+            if known is not value:  # an equal copy (a compressed weight): the first one's array replaces it
+                new = mb.const(val=known, name=f"{op.name}_shared", before_op=op)
+                function.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new)  # type: ignore[attr-defined]
+                function.remove_ops([op])  # type: ignore[attr-defined]
+                new.op.name = new.name = op.name
+                new.op.scopes = op.scopes
+                op = new.op
+            op.weight_id = first.weight_id  # type: ignore[attr-defined]
