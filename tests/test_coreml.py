@@ -145,3 +145,30 @@ def test_device_predict_matches_mil(fp16_artifact: Path) -> None:
         runner.reset(1)
     got = [r.step(ids[:, :16], pos[:, :16]) for r in (device, mil)]
     assert np.abs(got[0] - got[1]).max() < 2e-2
+
+
+def test_weight_free_conversion_keeps_placeholders_zero_stride() -> None:
+    # coremltools' fp16 pass would cast each placeholder into a dense array (half the part's fp32 bytes,
+    # only to be replaced when the weights are bound); ours keeps every weight const one broadcast zero.
+    import torch
+
+    from exporter.attention import decompose
+    from exporter.config import preset
+    from exporter.trace import TraceSpec, traced
+    from targets.coreml.lower import IdsWrapper, _pipeline, quiet_coremltools
+    from targets.coreml.weights import mil_name
+
+    ct = quiet_coremltools()
+    cfg = preset("tiny")
+    program = traced(TraceSpec(cfg, 16, torch.float32)).program
+    wrapper = IdsWrapper(decompose(program, expand_gqa=True).module(), cfg, 16, torch.float32,
+                         range(cfg.num_hidden_layers))
+    exported = torch.export.export(wrapper, (torch.zeros(1, 4, dtype=torch.long),
+                                             torch.arange(4).unsqueeze(0))).run_decompositions({})
+    mil = ct.convert(exported, convert_to="milinternal", minimum_deployment_target=ct.target.iOS18,
+                     compute_precision=ct.precision.FLOAT16, outputs=[ct.TensorType(name="logits")],
+                     pass_pipeline=_pipeline(ct, True))
+    consts = {op.name: op.outputs[0].val for op in mil.functions["main"].operations if op.op_type == "const"}
+    for name in program.state_dict:
+        value = consts[mil_name(name, True)]
+        assert value.dtype == np.float16 and value.size > 1 and not any(value.strides), name
