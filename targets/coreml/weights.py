@@ -47,14 +47,25 @@ def dense(rows: Rows, dtype: type, check_fp16: bool) -> np.ndarray:
     return out
 
 
+def _replace_const(function: object, old: object, value: np.ndarray) -> object:
+    """Put a const of `value` in place of `old`, under its name (as readback and apps see it) and with its
+    scopes (where it came from in the torch program, which coremltools checks); returns the new op."""
+    from coremltools.converters.mil import Builder as mb
+
+    new = mb.const(val=value, name=f"{old.name}_new", before_op=old)  # type: ignore[attr-defined]
+    function.replace_uses_of_var_after_op(anchor_op=old, old_var=old.outputs[0], new_var=new)  # type: ignore[attr-defined]
+    function.remove_ops([old])  # type: ignore[attr-defined]
+    new.op.name = new.name = old.name  # type: ignore[attr-defined]
+    new.op.scopes = old.scopes  # type: ignore[attr-defined]
+    return new.op
+
+
 def bind_mil(program: object, names: Iterable[str], rows: Callable[[str], Rows], fp16: bool,
              shared: dict[str, np.ndarray]) -> None:
     """Replace each parameter's placeholder const in the program's main function with its weight.
 
     `shared` holds the arrays already read for another function of the same part: every function binds
     the same array, so a part's weights are in memory once however many functions it has."""
-    from coremltools.converters.mil import Builder as mb
-
     function = program.functions["main"]  # type: ignore[attr-defined]
     consts = {op.name: op for op in function.operations if op.op_type == "const"}
     dtype = np.float16 if fp16 else np.float32
@@ -70,11 +81,7 @@ def bind_mil(program: object, names: Iterable[str], rows: Callable[[str], Rows],
             stub = old.outputs[0]
             if tuple(stub.shape) != value.shape or stub.val.dtype != dtype:
                 raise RuntimeError(f"const {key} is {tuple(stub.shape)} {stub.val.dtype}, the weight {value.shape} {dtype}")
-            new = mb.const(val=value, name=f"{key}_bound", before_op=old)
-            function.replace_uses_of_var_after_op(anchor_op=old, old_var=stub, new_var=new)
-            function.remove_ops([old])
-            new.op.name = new.name = key  # the parameter's own name, as readback and apps see it
-            new.op.scopes = old.scopes  # where it came from in the torch program (coremltools checks it)
+            _replace_const(function, old, value)
 
 
 def share_consts(function: object, earlier: dict[str, object]) -> None:
@@ -84,8 +91,6 @@ def share_consts(function: object, earlier: dict[str, object]) -> None:
     coremltools' save_multifunction finds such duplicates by comparing every constant of every function
     with np.allclose, which at 7B takes minutes and several copies of the largest weight; here the bound
     weights are already one array (bind_mil's `shared`) and compressed ones are compared exactly once."""
-    from coremltools.converters.mil import Builder as mb
-
     with function:  # type: ignore[attr-defined]
         for op in list(function.operations):  # type: ignore[attr-defined]
             value = op.outputs[0].val if op.op_type == "const" else None
@@ -99,10 +104,5 @@ def share_consts(function: object, earlier: dict[str, object]) -> None:
             if first.weight_id is None:  # type: ignore[attr-defined]
                 first.weight_id = f"shared/{op.name}"  # type: ignore[attr-defined]
             if known is not value:  # an equal copy (a compressed weight): the first one's array replaces it
-                new = mb.const(val=known, name=f"{op.name}_shared", before_op=op)
-                function.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new)  # type: ignore[attr-defined]
-                function.remove_ops([op])  # type: ignore[attr-defined]
-                new.op.name = new.name = op.name
-                new.op.scopes = op.scopes
-                op = new.op
+                op = _replace_const(function, op, known)
             op.weight_id = first.weight_id  # type: ignore[attr-defined]
