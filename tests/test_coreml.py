@@ -130,6 +130,33 @@ def test_an_op_without_value_inference_is_an_error(fp16_artifact: Path, monkeypa
                                                             "positions": np.array([[0]])}, states)
 
 
+def test_fp32_accumulated_products_agree_with_coremltools_value_inference(
+        fp16_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The interpreter's own linear/matmul/attention (fp32 accumulation) against coremltools' value
+    # inference of the same ops (numpy fp16), on a prefill that crosses the tiny model's window.
+    from targets.coreml import mil_eval
+    from targets.coreml.runner import load_mil_program
+
+    program = load_mil_program(fp16_artifact / "model.mlpackage")
+    name = next(n for n in program.functions if n.startswith("prefill_"))
+    function = program.functions[name]
+    length = function.inputs["input_ids"].shape[1]
+    assert {"linear", "scaled_dot_product_attention"} <= set(mil_eval.op_types(function))
+    rng = np.random.default_rng(0)
+    inputs = {"input_ids": rng.integers(0, 256, (1, length)), "positions": np.arange(length)[None]}
+
+    def logits(supplement: dict) -> np.ndarray:
+        monkeypatch.setattr(mil_eval, "_SUPPLEMENT", supplement)
+        states = {f"{k}_cache_{i}": np.zeros((1, 2, 16, 16), np.float16) for k in "kv" for i in range(2)}
+        return mil_eval.run_function(function, inputs, states)["logits"].astype(np.float32)
+
+    ours = logits(dict(mil_eval._SUPPLEMENT))
+    theirs = logits({"silu": mil_eval._silu})
+    assert np.isfinite(ours).all() and ours.std() > 0
+    assert np.abs(ours - theirs).max() < 0.02 * np.abs(theirs).max()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.9
+
+
 @pytest.mark.skipif(platform.system() != "Darwin", reason="Core ML predict needs macOS 15+ (this is "
                     f"{platform.system()}); the MIL-level check above covers the converted program")
 def test_device_predict_matches_mil(fp16_artifact: Path) -> None:

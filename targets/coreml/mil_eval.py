@@ -6,6 +6,9 @@ through those, in the dtypes the program declares (fp16 where it computes in fp1
 is the converted program itself. It is a reference-level execution ("mil-reference"), not a device run.
 
 Compressed weights (``constexpr_*`` ops) are materialised by their ``materialized_val_inference``.
+Products (``linear``, ``matmul``, ``scaled_dot_product_attention``) multiply fp16 operands with fp32
+accumulation and round the result to the declared dtype, as Core ML's fp16 backends accumulate; numpy's
+own fp16 matmul rounds after every addition and runs without BLAS, hours for one 7B-dims layer.
 State ops are interpreted by their definition: ``read_state`` returns the state, ``coreml_update_state``
 writes it (as the fp16 the state type holds) and returns the value. Ops without value inference in
 coremltools are listed in ``_SUPPLEMENT``; anything else it cannot evaluate raises ``MilEvalError``.
@@ -28,8 +31,49 @@ def _silu(op: Any, env: dict[int, np.ndarray]) -> np.ndarray:
     return (x / (1 + np.exp(-x.astype(np.float32)))).astype(x.dtype)
 
 
-# Ops coremltools gives no value inference for, with their MIL-spec definitions in numpy.
-_SUPPLEMENT: dict[str, Callable[[Any, dict[int, np.ndarray]], np.ndarray]] = {"silu": _silu}
+def _value(var: Any, env: dict[int, np.ndarray]) -> np.ndarray:
+    return env[id(var)] if id(var) in env else np.asarray(var.val)
+
+
+def _f32(var: Any, env: dict[int, np.ndarray]) -> np.ndarray:
+    return _value(var, env).astype(np.float32, copy=False)
+
+
+def _rounded(op: Any, value: np.ndarray) -> np.ndarray:
+    return value.astype(_np_dtype(op.outputs[0]), copy=False)
+
+
+def _linear(op: Any, env: dict[int, np.ndarray]) -> np.ndarray:
+    res = _f32(op.x, env) @ _f32(op.weight, env).T
+    if op.bias is not None:
+        res += _f32(op.bias, env)
+    return _rounded(op, res)
+
+
+def _matmul(op: Any, env: dict[int, np.ndarray]) -> np.ndarray:
+    x, y = _f32(op.x, env), _f32(op.y, env)
+    if op.transpose_x.val:
+        x = np.swapaxes(x, -1, -2)
+    if op.transpose_y.val:
+        y = np.swapaxes(y, -1, -2)
+    return _rounded(op, x @ y)
+
+
+def _sdpa(op: Any, env: dict[int, np.ndarray]) -> np.ndarray:
+    """iOS18 scaled_dot_product_attention by its spec: softmax(q k^T / sqrt(d) + mask) v."""
+    q, k, v = _f32(op.query, env), _f32(op.key, env), _f32(op.value, env)
+    scores = q @ np.swapaxes(k, -1, -2) / np.float32(np.sqrt(q.shape[-1]))
+    if op.attn_mask is not None:
+        mask = _value(op.attn_mask, env)
+        scores = np.where(mask, scores, -np.inf) if mask.dtype == bool else scores + mask.astype(np.float32)
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return _rounded(op, (scores / scores.sum(axis=-1, keepdims=True)) @ v)
+
+
+# Ops coremltools gives no value inference for, with their MIL-spec definitions in numpy, and the
+# products evaluated with fp32 accumulation (see the module docstring).
+_SUPPLEMENT: dict[str, Callable[[Any, dict[int, np.ndarray]], np.ndarray]] = {
+    "silu": _silu, "linear": _linear, "matmul": _matmul, "scaled_dot_product_attention": _sdpa}
 
 
 def _np_dtype(var: Any) -> Any:
