@@ -53,17 +53,27 @@ def test_schedule_picks_the_smallest_function_that_holds_the_rest() -> None:
     assert pipeline.prefill_lengths("1024,64,256,64", 512) == (64, 256, 512)
 
 
-def test_auto_chunks_fit_the_memory_given() -> None:
+@pytest.mark.parametrize("precision", ["fp16", "int4", "fp32"])
+def test_auto_chunks_fit_the_memory_given(precision: str) -> None:
     tiny, m7b = preset("tiny"), preset("mistral-7b-v0.1")
-    assert pipeline.plan_parts(tiny, "auto") == [(0, 2)]
-    parts = pipeline.plan_parts(m7b, "auto", available=20 * GIB)
+    assert pipeline.plan_parts(tiny, "auto", precision) == [(0, 2)]
+    parts = pipeline.plan_parts(m7b, "auto", precision, available=20 * GIB)
     budget = pipeline.AUTO_BUDGET * 20 * GIB
-    assert len(parts) > 1 and pipeline.conversion_bytes(m7b, parts) <= budget
+    assert len(parts) > 1 and pipeline.conversion_bytes(m7b, parts, precision) <= budget
     fewer = pipeline.split_layers(32, len(parts) - 1)
-    assert pipeline.conversion_bytes(m7b, fewer) > budget  # the fewest parts that fit
+    assert pipeline.conversion_bytes(m7b, fewer, precision) > budget  # the fewest parts that fit
     assert parts[0][0] == 0 and parts[-1][1] == 32 and all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
     with pytest.raises(UserError, match="even one layer per part"):
-        pipeline.plan_parts(m7b, "auto", available=GIB)
+        pipeline.plan_parts(m7b, "auto", precision, available=GIB)
+
+
+def test_compressed_conversion_is_planned_with_more_room_than_fp16() -> None:
+    # Compression holds each function's compressed copy before sharing: int4 must never be planned
+    # in fewer parts than fp16 on the same memory.
+    m7b = preset("mistral-7b-v0.1")
+    for available in (12 * GIB, 16 * GIB, 24 * GIB, 32 * GIB):
+        assert len(pipeline.plan_parts(m7b, "auto", "int4", available)) >= len(
+            pipeline.plan_parts(m7b, "auto", "fp16", available))
 
 
 def test_parts_and_their_pipeline_description(builds: dict[str, Path]) -> None:

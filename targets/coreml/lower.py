@@ -196,7 +196,7 @@ def lower_to_mlpackage(inp: LowerInput, out: Path, compress: Any) -> dict[str, A
     """Write one multifunction mlpackage per part (prefill at each enumerated length, decode at 1,
     sharing one weight file), part after part so only one part's weights are in memory."""
     lengths = prefill_lengths(inp.options.prefill_chunks, inp.capacity)
-    parts = plan_parts(inp.config, inp.options.chunks)
+    parts = plan_parts(inp.config, inp.options.chunks, inp.precision)
     functions = {prefill_name(n): n for n in lengths} | {DECODE: 1}
     total = len(parts) * (len(functions) + 2)  # tracing, each function, writing
     done = 0

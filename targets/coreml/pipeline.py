@@ -28,10 +28,13 @@ DECODE = "decode"
 # A part's hidden-state output; Core ML refuses a function whose input and output share a name.
 HIDDEN_OUT = "hidden_out"
 DEFAULT_PREFILL = "64,256,1024"
-# Peak RSS of converting one part, per byte of that part's fp32 weights, on top of the process baseline:
-# the placeholders' fp16 casts and the bound fp16 weights (targets/coreml/weights.py) plus coremltools'
-# transients; measured with benchmarks/export_memory.py on Mistral 7B (docs/coreml.md).
-CONVERT_FACTOR = 1.5
+# Peak RSS of converting one part, per byte of that part's fp32 weights, on top of the process baseline,
+# with a fifth of headroom over what benchmarks/export_memory.py measured on Mistral 7B v0.1 dims in 3
+# parts (docs/benchmarks.md, Scale): fp16 0.62 (the bound fp16 weights plus coremltools' transients);
+# compressed 1.12 (each function's weights are compressed before the functions share one copy). fp32
+# binds fp32 weights and was not measured at 7B: it keeps the earlier provisional 1.5.
+CONVERT_FACTOR = {"fp16": 0.75, "fp32": 1.5}
+COMPRESSED_FACTOR = 1.35
 # auto leaves a fifth of the available memory to everything else, as the matrix's default budget does.
 AUTO_BUDGET = 0.8
 
@@ -89,12 +92,14 @@ def split_layers(layers: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def conversion_bytes(cfg: MistralConfig, parts: list[tuple[int, int]]) -> int:
+def conversion_bytes(cfg: MistralConfig, parts: list[tuple[int, int]], precision: str) -> int:
     """Expected peak RSS of converting these parts one after another: the largest part's."""
-    return int(BASELINE_BYTES + CONVERT_FACTOR * max(part_fp32_bytes(cfg, a, b) for a, b in parts))
+    factor = CONVERT_FACTOR.get(precision, COMPRESSED_FACTOR)
+    return int(BASELINE_BYTES + factor * max(part_fp32_bytes(cfg, a, b) for a, b in parts))
 
 
-def plan_parts(cfg: MistralConfig, chunks: str, available: int | None = None) -> list[tuple[int, int]]:
+def plan_parts(cfg: MistralConfig, chunks: str, precision: str,
+               available: int | None = None) -> list[tuple[int, int]]:
     """The parts for `--option chunks=N|auto`. auto: the fewest whose largest part converts within the
     available memory (one part for small models), by the measured conversion factor."""
     layers = cfg.num_hidden_layers
@@ -108,9 +113,9 @@ def plan_parts(cfg: MistralConfig, chunks: str, available: int | None = None) ->
         return split_layers(layers, count)
     budget = AUTO_BUDGET * (psutil.virtual_memory().available if available is None else available)
     for count in range(1, layers + 1):
-        if conversion_bytes(cfg, split_layers(layers, count)) <= budget:
+        if conversion_bytes(cfg, split_layers(layers, count), precision) <= budget:
             return split_layers(layers, count)
-    need = conversion_bytes(cfg, split_layers(layers, layers))
+    need = conversion_bytes(cfg, split_layers(layers, layers), precision)
     raise UserError(f"even one layer per part needs about {need / 2**30:.1f} GiB to convert and "
                     f"{budget / 2**30:.1f} GiB is available; free memory or build on a larger machine")
 
@@ -120,7 +125,7 @@ class PartsMemory:
     the memory a node has, so a job needs at least what one layer per part takes to convert."""
 
     def bytes(self, cfg: MistralConfig, precision: str) -> int:
-        return conversion_bytes(cfg, split_layers(cfg.num_hidden_layers, cfg.num_hidden_layers))
+        return conversion_bytes(cfg, split_layers(cfg.num_hidden_layers, cfg.num_hidden_layers), precision)
 
 
 def part_file(index: int, count: int) -> str:
