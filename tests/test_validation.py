@@ -113,6 +113,10 @@ def test_build_writes_reports_that_match_the_schema(artifact: Path) -> None:
     assert corpus["ppl_ratio"] == pytest.approx(1.0) and corpus["same_top_pct"] == 100.0
     assert rep["parity"]["reference"]["weights"] == "preset:tiny:seed0"
     assert "## Parity: **passed**" in (artifact / "report.md").read_text()
+    # The dimensions validated are stated, so a reduced-layer copy of a large model reads as one.
+    tiny = preset("tiny")
+    shape = f"{tiny.num_hidden_layers} layers, hidden {tiny.hidden_size},"
+    assert rep["artifact"]["shape"].startswith(shape) and f"Model: {shape}" in (artifact / "report.md").read_text()
     manifest = read_manifest(artifact)
     assert manifest["validation"]["status"] == "passed"
     assert {"report.json", "report.md", "latency.png"} <= {f["path"] for f in manifest["files"]}

@@ -92,6 +92,8 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"# Validation report: {a['model']} -> {a['target']} ({a['precision']}, {a['device']})", "",
              f"Measured on: {fp['cpu']} ({fp['logical_cores']} logical cores), {fp['os']}; "
              f"threads {fp.get('threads')}; runtime {fp['runtime']}", ""]
+    if a.get("shape"):
+        lines += [f"Model: {a['shape']}", ""]
     if fp.get("device"):
         lines += [f"Device: {fp['device']}", ""]
     lines += [f"## Parity: **{p['status']}** (level `{p['level']}`)", ""]

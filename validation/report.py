@@ -55,7 +55,8 @@ REPORT_SCHEMA: dict[str, Any] = {
         "schema_version": {"const": REPORT_SCHEMA_VERSION},
         # id: sha256 over the artifact's files but the reports (exporter.manifest.artifact_id).
         "artifact": {"type": "object", "required": ["id", "target", "precision", "device", "model"],
-                     "properties": {"id": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}},
+                     "properties": {"id": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                                    "shape": {"type": "string"}}},
         "fingerprint": {"type": "object", "required": ["cpu", "os", "runtime"]},
         "parity": {
             "type": "object", "required": ["status", "level"],
@@ -108,3 +109,11 @@ def write_all(folder: Path, report: dict[str, Any]) -> None:
     for name, png in (("latency.png", plots.latency(report)), ("parity.png", plots.parity(report))):
         if png is not None:
             write_new(folder / name, png)
+
+
+def model_shape(config: dict[str, Any]) -> str:
+    """The dimensions validated, in words: a reduced-layer copy of a large model says so by its layer count."""
+    window = config.get("sliding_window")
+    return (f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, intermediate "
+            f"{config['intermediate_size']}, heads {config['num_attention_heads']}/{config['num_key_value_heads']} "
+            f"(query/KV), vocab {config['vocab_size']}, " + (f"window {window}" if window else "no window"))

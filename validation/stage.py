@@ -118,7 +118,8 @@ def _measure(artifact: Path, req: ValidateRequest, progress: Progress) -> tuple[
     rep = {"schema": "mistral-export/validation-report", "schema_version": report.REPORT_SCHEMA_VERSION,
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "artifact": {"id": artifact_id(manifest, report.FILES), "target": manifest["target"]["name"], "precision": manifest["target"]["precision"],
-                        "device": device, "model": manifest["model"]["name"]},
+                        "device": device, "model": manifest["model"]["name"],
+                        "shape": report.model_shape(manifest["model"]["config"])},
            "fingerprint": latency.fingerprint(runner, manifest["tool"]),
            "parity": parity, "latency": lat}
     return manifest, rep
