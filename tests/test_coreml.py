@@ -118,6 +118,23 @@ def test_bad_options(tmp_path: Path, option: str, needle: str) -> None:
     assert not (tmp_path / "x").exists()
 
 
+def test_coremltools_root_logger_chatter_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    # coremltools' quantizer logs "Invalid block_sizes" on the root logger for every 1-D weight an int4
+    # build leaves in fp16; ours and other libraries' root warnings still show.
+    import logging
+
+    from targets.coreml.lower import quiet_coremltools
+
+    quiet_coremltools()
+    from coremltools.converters.mil.mil import types
+    from coremltools.optimize import _utils
+
+    with caplog.at_level(logging.WARNING):
+        assert _utils.compute_qparams_by_dtype(np.ones(30, np.float32), types.int4, "LINEAR_SYMMETRIC", [32]) is None
+        logging.getLogger().warning("a root warning of another library")
+    assert [r.getMessage() for r in caplog.records] == ["a root warning of another library"]
+
+
 def test_an_op_without_value_inference_is_an_error(fp16_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from targets.coreml import mil_eval
     from targets.coreml.runner import load_mil_program

@@ -18,6 +18,7 @@ import functools
 import gc
 import importlib
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,20 @@ from targets.coreml.pipeline import DECODE, HIDDEN_OUT, describe, part_file, pla
 from targets.coreml.weights import bind_mil, share_consts
 
 
+class _CoremltoolsBelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or f"{os.sep}coremltools{os.sep}" not in record.pathname
+
+
 def quiet_coremltools() -> Any:
     """Import coremltools without its start-up chatter about untested torch and missing macOS libs,
     and without its per-pass progress bars (our own progress bar reports the conversion)."""
     logging.getLogger("coremltools").setLevel(logging.ERROR)
+    # Some of its modules log on the root logger (e.g. "Invalid block_sizes" for every 1-D norm weight
+    # that int4 per-block leaves in fp16, as intended): the same level applies to those.
+    root = logging.getLogger()
+    if not any(isinstance(f, _CoremltoolsBelowError) for f in root.filters):
+        root.addFilter(_CoremltoolsBelowError())
     # Its constant folding casts the -inf of masks and the range bounds of repeat ops through fp16 and
     # numpy warns per op; weight overflow is checked on our side (weights.dense), not by these warnings.
     warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning, r"coremltools\.")
