@@ -5,7 +5,9 @@ shard by shard, so memory stays bounded by one shard whatever the model size.
     python benchmarks/make_checkpoint.py --preset mistral-7b-v0.1 --layers 4 --out /data/m1b   # ~1B variant
 
 The folder gets config.json (with `layer_types`, so peers that read it keep the sliding window), the
-shards, model.safetensors.index.json, and a word-level tokenizer covering the vocabulary (peers need one).
+shards, model.safetensors.index.json, and the preset's real Mistral tokenizer from mistral-common
+(tokenizer.model and its tokenizer.json; peers need one), so that text validates as text. A preset
+without one gets a word-level tokenizer covering the vocabulary, and says so.
 """
 
 from __future__ import annotations
@@ -35,6 +37,21 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
          "model_max_length": 32768}))
+
+
+def write_real_tokenizer(preset_name: str, vocab_size: int, folder: Path) -> None:
+    """The preset's mistral-common tokenizer in place of the word-level one, which maps any real text to
+    <unk> (every prompt then reads as the same tokens)."""
+    from exporter.tokenizer import PRESET_TOKENIZERS, packaged, version_of, write_hf_files
+
+    name = PRESET_TOKENIZERS.get(preset_name)
+    if name is None:
+        print(f"  tokenizer: word-level (preset {preset_name} has no mistral-common tokenizer)", flush=True)
+        return
+    info = write_hf_files(packaged(name), folder, version_of(name))
+    if info["vocab_size"] != vocab_size:
+        raise SystemExit(f"{name} has {info['vocab_size']} tokens, the preset {vocab_size}")
+    print(f"  tokenizer: mistral-common {name}", flush=True)
 
 
 def hf_config(cfg: MistralConfig, dtype: str) -> dict[str, object]:
@@ -92,6 +109,7 @@ def main() -> int:
     source.config = cfg
     start = time.perf_counter()
     total = write_checkpoint(cfg, source, args.dtype, args.out, int(args.shard_gb * 2**30))
+    write_real_tokenizer(args.preset, cfg.vocab_size, args.out)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"wrote {args.out}: {total / 2**30:.2f} GiB of tensors in {time.perf_counter() - start:.0f} s, "
           f"peak RSS {peak:.2f} GiB")
