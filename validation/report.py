@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.artifact import write_new
+from exporter.config import MistralConfig
 from exporter.manifest import dumps
 from validation import markdown, plots
 
@@ -111,9 +112,8 @@ def write_all(folder: Path, report: dict[str, Any]) -> None:
             write_new(folder / name, png)
 
 
-def model_shape(config: dict[str, Any]) -> str:
+def model_shape(cfg: MistralConfig) -> str:
     """The dimensions validated, in words: a reduced-layer copy of a large model says so by its layer count."""
-    window = config.get("sliding_window")
-    return (f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, intermediate "
-            f"{config['intermediate_size']}, heads {config['num_attention_heads']}/{config['num_key_value_heads']} "
-            f"(query/KV), vocab {config['vocab_size']}, " + (f"window {window}" if window else "no window"))
+    return (f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, "
+            f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads} (query/KV), vocab {cfg.vocab_size}, "
+            + (f"window {cfg.sliding_window}" if cfg.sliding_window else "no window"))

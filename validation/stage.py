@@ -119,7 +119,7 @@ def _measure(artifact: Path, req: ValidateRequest, progress: Progress) -> tuple[
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "artifact": {"id": artifact_id(manifest, report.FILES), "target": manifest["target"]["name"], "precision": manifest["target"]["precision"],
                         "device": device, "model": manifest["model"]["name"],
-                        "shape": report.model_shape(manifest["model"]["config"])},
+                        "shape": report.model_shape(cfg)},
            "fingerprint": latency.fingerprint(runner, manifest["tool"]),
            "parity": parity, "latency": lat}
     return manifest, rep
