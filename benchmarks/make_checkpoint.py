@@ -39,14 +39,15 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
          "model_max_length": 32768}))
 
 
-def write_real_tokenizer(preset_name: str, vocab_size: int, folder: Path) -> None:
-    """The preset's mistral-common tokenizer in place of the word-level one, which maps any real text to
-    <unk> (every prompt then reads as the same tokens)."""
+def write_preset_tokenizer(preset_name: str, vocab_size: int, folder: Path) -> None:
+    """The preset's mistral-common tokenizer rather than the word-level one, which maps any real text to
+    <unk> (every prompt then reads as the same tokens); word-level only for a preset without one."""
     from exporter.tokenizer import PRESET_TOKENIZERS, packaged, version_of, write_hf_files
 
     name = PRESET_TOKENIZERS.get(preset_name)
     if name is None:
         print(f"  tokenizer: word-level (preset {preset_name} has no mistral-common tokenizer)", flush=True)
+        write_tokenizer(folder, vocab_size)
         return
     info = write_hf_files(packaged(name), folder, version_of(name))
     if info["vocab_size"] != vocab_size:
@@ -62,8 +63,10 @@ def hf_config(cfg: MistralConfig, dtype: str) -> dict[str, object]:
     return raw
 
 
-def write_checkpoint(cfg: MistralConfig, source: PresetWeights, dtype: str, out: Path, shard_bytes: int) -> int:
-    """Shards of at most shard_bytes; returns the total tensor bytes."""
+def write_checkpoint(cfg: MistralConfig, source: PresetWeights, dtype: str, out: Path, shard_bytes: int,
+                     tokenizer_preset: str | None = None) -> int:
+    """Shards of at most shard_bytes, and the tokenizer of `tokenizer_preset` (else a word-level one);
+    returns the total tensor bytes."""
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = DTYPES[dtype]
     itemsize = torch.empty(0, dtype=torch_dtype).element_size()
@@ -89,7 +92,10 @@ def write_checkpoint(cfg: MistralConfig, source: PresetWeights, dtype: str, out:
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (out / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2))
-    write_tokenizer(out, cfg.vocab_size)
+    if tokenizer_preset is None:
+        write_tokenizer(out, cfg.vocab_size)
+    else:
+        write_preset_tokenizer(tokenizer_preset, cfg.vocab_size, out)
     return total
 
 
@@ -108,8 +114,7 @@ def main() -> int:
     source = PresetWeights(args.preset, args.seed)
     source.config = cfg
     start = time.perf_counter()
-    total = write_checkpoint(cfg, source, args.dtype, args.out, int(args.shard_gb * 2**30))
-    write_real_tokenizer(args.preset, cfg.vocab_size, args.out)
+    total = write_checkpoint(cfg, source, args.dtype, args.out, int(args.shard_gb * 2**30), args.preset)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"wrote {args.out}: {total / 2**30:.2f} GiB of tensors in {time.perf_counter() - start:.0f} s, "
           f"peak RSS {peak:.2f} GiB")
