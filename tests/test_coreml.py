@@ -135,13 +135,18 @@ def test_coremltools_root_logger_chatter_is_quiet(caplog: pytest.LogCaptureFixtu
     assert [r.getMessage() for r in caplog.records] == ["a root warning of another library"]
 
 
+def _empty_states() -> dict[str, np.ndarray]:
+    """The tiny preset's fp16 KV states (batch 1, 2 KV heads, capacity 16, head dim 16), zeroed."""
+    return {f"{k}_cache_{i}": np.zeros((1, 2, 16, 16), np.float16) for k in "kv" for i in range(2)}
+
+
 def test_an_op_without_value_inference_is_an_error(fp16_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from targets.coreml import mil_eval
     from targets.coreml.runner import load_mil_program
 
     monkeypatch.setattr(mil_eval, "_SUPPLEMENT", {})
     program = load_mil_program(fp16_artifact / "model.mlpackage")
-    states = {f"{k}_cache_{i}": np.zeros((1, 2, 16, 16), np.float16) for k in "kv" for i in range(2)}
+    states = _empty_states()
     with pytest.raises(mil_eval.MilEvalError, match="'silu'"):
         mil_eval.run_function(program.functions["decode"], {"input_ids": np.array([[1]]),
                                                             "positions": np.array([[0]])}, states)
@@ -150,7 +155,7 @@ def test_an_op_without_value_inference_is_an_error(fp16_artifact: Path, monkeypa
 def test_fp32_accumulated_products_agree_with_coremltools_value_inference(
         fp16_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The interpreter's own linear/matmul/attention (fp32 accumulation) against coremltools' value
-    # inference of the same ops (numpy fp16), on a prefill that crosses the tiny model's window.
+    # inference of the same ops (numpy fp16), on the first prefill function from an empty cache.
     from targets.coreml import mil_eval
     from targets.coreml.runner import load_mil_program
 
@@ -164,7 +169,7 @@ def test_fp32_accumulated_products_agree_with_coremltools_value_inference(
 
     def logits(supplement: dict) -> np.ndarray:
         monkeypatch.setattr(mil_eval, "_SUPPLEMENT", supplement)
-        states = {f"{k}_cache_{i}": np.zeros((1, 2, 16, 16), np.float16) for k in "kv" for i in range(2)}
+        states = _empty_states()
         return mil_eval.run_function(function, inputs, states)["logits"].astype(np.float32)
 
     ours = logits(dict(mil_eval._SUPPLEMENT))
