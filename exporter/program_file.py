@@ -13,8 +13,11 @@ config (or a hand-edited one) is refused instead of run.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.export import ExportedProgram
@@ -50,6 +53,19 @@ def dumps(program: ExportedProgram) -> bytes:
     if program.constants:
         raise ProgramError(f"program holds constants {sorted(program.constants)[:3]}: they would need pickle")
     return serialize(program).exported_program
+
+
+def digest(program: ExportedProgram) -> str:
+    """A content hash of the program's computation: its serialized graph, without the storage offsets
+    of fake-tensor metadata (a reloaded program records 0 where a fresh trace records a view's offset;
+    lowering never reads them). Equal for a fresh trace and its trace-cache copy."""
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k != "storage_offset"}
+        return [strip(v) for v in node] if isinstance(node, list) else node
+
+    canonical = json.dumps(strip(json.loads(dumps(program))), sort_keys=True).encode()
+    return hashlib.sha256(canonical).hexdigest()[:20]
 
 
 def loads(data: bytes, config: MistralConfig, dtype: torch.dtype) -> ExportedProgram:

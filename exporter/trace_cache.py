@@ -107,7 +107,7 @@ def read_owned(path: Path, limit: int) -> bytes:
         return fh.read()
 
 
-def _write_atomic(folder: Path, name: str, data: bytes) -> None:
+def write_atomic(folder: Path, name: str, data: bytes) -> None:
     """Write folder/name via a temporary file and a rename; the temporary is removed on any failure."""
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".partial")
     try:
@@ -167,8 +167,8 @@ class ProgramCache:
             data = program_file.dumps(program)
             meta = {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec, "bytes": len(data),
                     "sha256": hashlib.sha256(data).hexdigest()}
-            _write_atomic(self.folder, graph.name, data)
-            _write_atomic(self.folder, sidecar.name, json.dumps(meta, sort_keys=True).encode())
+            write_atomic(self.folder, graph.name, data)
+            write_atomic(self.folder, sidecar.name, json.dumps(meta, sort_keys=True).encode())
         except (OSError, program_file.ProgramError) as exc:
             log.warning("could not write the trace cache in %s (%s); continuing without it", self.folder,
                         getattr(exc, "strerror", None) or exc)

@@ -8,6 +8,7 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
+from exporter import program_file
 from exporter.checkpoint import DTYPES
 from exporter.contract import CacheContract, TensorSpec
 from exporter.errors import UserError
@@ -15,6 +16,7 @@ from exporter.trace import trace_dtype
 from targets.base import LowerInput, Lowered
 from targets.onnxruntime import kernels
 from targets.onnxruntime.export import quiet, save, to_onnx
+from targets.onnxruntime.graph_cache import GraphCache, graph_spec
 from targets.onnxruntime.genai import genai_config, place_tokenizer, write_genai_config
 from targets.onnxruntime.adapters import write_adapters
 from targets.onnxruntime.passes.io import canonical_io, genai_io
@@ -125,12 +127,34 @@ def _graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) -> tupl
     return model, extra
 
 
+def _cached_graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) -> tuple[ir.Model, dict[str, Any]]:
+    """_graph through the lowered-graph cache (graph_cache.py); adapters' graphs are not cached."""
+    cache = None if inp.adapters else GraphCache.open()
+    if cache is None:
+        model, extra = _graph(inp, options, attention)
+        return model, {**extra, "graph_cache": "off"}
+    # Everything _graph reads: the program (by content, so a program that is not its trace spec's
+    # can never be answered with that spec's graph), the config and capacity, and these settings.
+    settings = {"config": inp.config.to_dict(), "capacity": inp.capacity, "attention": attention,
+                "upcast": _upcast(inp), "fuse_rotary": options.fuse_rotary, "pack_qkv": options.pack_qkv,
+                "cache_slack": options.cache_slack}
+    spec = graph_spec(program_file.digest(inp.traced), settings)
+    parameters = {name: tuple(t.shape) for name, t in inp.traced.state_dict.items()}
+    hit = cache.load(spec, parameters)
+    if hit is not None:
+        inp.progress("onnx: lowered graph from the cache", 0.0)
+        return hit[0], {**hit[1], "graph_cache": "hit"}
+    model, extra = _graph(inp, options, attention)
+    cache.store(spec, model, extra)
+    return model, {**extra, "graph_cache": "miss"}
+
+
 def lower_to_files(inp: LowerInput, out_dir: Path) -> Lowered:
     options: OnnxRuntimeOptions = inp.options
     chosen = kernels.choose(inp.device, inp.precision, options.attention)
     quant = quant_spec(inp.precision, options)
     with quiet():
-        model, extra = _graph(inp, options, chosen.attention)
+        model, extra = _cached_graph(inp, options, chosen.attention)
         keep_float = (lambda names: names == ("lm_head.weight",)) if not options.quantize_lm_head else (lambda names: False)
         extra["weight_map"] = bind_weights(model, inp.weight, quant, keep_float)
         if _upcast(inp):

@@ -106,7 +106,10 @@ def _quantized_matmuls(g: ir.Graph, transposes: list[ir.Node], names: tuple[str,
     for t in transposes:
         for use in list(t.outputs[0].uses()):
             matmul = use.node
-            q = ir.node("MatMulNBits", [matmul.inputs[0], *stored], attributes=attrs, domain="com.microsoft")
+            # Named after the MatMul it replaces, not by the graph's node counter: a graph loaded
+            # from the graph cache has created fewer nodes, and must serialize to the same bytes.
+            q = ir.node("MatMulNBits", [matmul.inputs[0], *stored], attributes=attrs, domain="com.microsoft",
+                        name=f"{matmul.name}_nbits")
             out, new = matmul.outputs[0], q.outputs[0]
             new.shape, new.type = out.shape, out.type
             matmul.append(q)
