@@ -107,6 +107,26 @@ def read_owned(path: Path, limit: int) -> bytes:
         return fh.read()
 
 
+def read_entry(payload: Path, sidecar: Path, fmt: str, spec: dict[str, Any], payload_limit: int,
+               sidecar_limit: int = MAX_SIDECAR_BYTES) -> tuple[dict[str, Any], bytes]:
+    """A cache entry's sidecar and payload, both this user's, written for this spec, the payload matching
+    the sha256 its sidecar records; UnsafeCache (or ValueError for malformed JSON) otherwise."""
+    meta = json.loads(read_owned(sidecar, sidecar_limit))
+    if not isinstance(meta, dict) or meta.get("format") != fmt or meta.get("spec") != spec:
+        raise UnsafeCache("was written for another spec")
+    data = read_owned(payload, payload_limit)
+    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise UnsafeCache("does not match the sha256 its sidecar records")
+    return meta, data
+
+
+def write_entry(payload: Path, sidecar: Path, data: bytes, meta: dict[str, Any]) -> None:
+    """Write the payload, then its sidecar (meta plus the payload's size and sha256), each atomically."""
+    meta = {**meta, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    write_atomic(payload.parent, payload.name, data)
+    write_atomic(sidecar.parent, sidecar.name, json.dumps(meta, sort_keys=True).encode())
+
+
 def write_atomic(folder: Path, name: str, data: bytes) -> None:
     """Write folder/name via a temporary file and a rename; the temporary is removed on any failure."""
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".partial")
@@ -147,12 +167,7 @@ class ProgramCache:
         if not graph.exists() and not sidecar.exists():
             return None
         try:
-            meta = json.loads(read_owned(sidecar, MAX_SIDECAR_BYTES))
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("spec") != spec:
-                raise UnsafeCache("was written for another spec")
-            data = read_owned(graph, program_file.MAX_PROGRAM_BYTES)
-            if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-                raise UnsafeCache("does not match the sha256 its sidecar records")
+            _, data = read_entry(graph, sidecar, FORMAT, spec, program_file.MAX_PROGRAM_BYTES)
             program = program_file.loads(data, config, dtype)
             program_file.verify(program, config, capacity, dtype)
             return program
@@ -164,11 +179,8 @@ class ProgramCache:
         """Write the entry (program, then sidecar); a failure is one warning, never an error."""
         graph, sidecar = self._paths(key)
         try:
-            data = program_file.dumps(program)
-            meta = {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec, "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest()}
-            write_atomic(self.folder, graph.name, data)
-            write_atomic(self.folder, sidecar.name, json.dumps(meta, sort_keys=True).encode())
+            write_entry(graph, sidecar, program_file.dumps(program),
+                        {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec})
         except (OSError, program_file.ProgramError) as exc:
             log.warning("could not write the trace cache in %s (%s); continuing without it", self.folder,
                         getattr(exc, "strerror", None) or exc)

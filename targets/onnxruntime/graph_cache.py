@@ -28,7 +28,7 @@ import onnxscript
 import torch
 
 from exporter import __version__
-from exporter.trace_cache import UnsafeCache, read_owned, runtime_cache, write_atomic
+from exporter.trace_cache import UnsafeCache, read_entry, runtime_cache, write_entry
 from targets.onnxruntime.export import WEIGHT_META, weight_inputs
 
 FORMAT = "mistral-export/onnx-graph-cache"
@@ -77,12 +77,7 @@ class GraphCache:
         if not graph_path.exists() and not sidecar.exists():
             return None
         try:
-            meta = json.loads(read_owned(sidecar, MAX_SIDECAR_BYTES))
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("spec") != spec:
-                raise UnsafeCache("was written for another spec")
-            data = read_owned(graph_path, MAX_GRAPH_BYTES)
-            if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-                raise UnsafeCache("does not match the sha256 its sidecar records")
+            meta, data = read_entry(graph_path, sidecar, FORMAT, spec, MAX_GRAPH_BYTES, MAX_SIDECAR_BYTES)
             model = ir.from_proto(onnx.ModelProto.FromString(data))
             _tag_weights(model, meta.get("weights"), parameters)
             return model, meta["extra"]
@@ -94,12 +89,9 @@ class GraphCache:
         """Write the entry (graph, then sidecar): call before the weights are bound."""
         graph_path, sidecar = self._paths(self.key(spec))
         try:
-            data = ir.to_proto(model).SerializeToString()
             weights = {v.name: list(v.meta[WEIGHT_META]) for v in weight_inputs(model)}
-            meta = {"format": FORMAT, "spec": spec, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                    "weights": weights, "extra": extra}
-            write_atomic(self.folder, graph_path.name, data)
-            write_atomic(self.folder, sidecar.name, json.dumps(meta, sort_keys=True).encode())
+            write_entry(graph_path, sidecar, ir.to_proto(model).SerializeToString(),
+                        {"format": FORMAT, "spec": spec, "weights": weights, "extra": extra})
         except (OSError, ValueError) as exc:
             log.warning("could not write the graph cache in %s (%s); continuing without it", self.folder,
                         getattr(exc, "strerror", None) or exc)
