@@ -190,3 +190,21 @@ def test_swapped_weight_names_in_a_sealed_entry_fail_validation(tmp_path: Path, 
     result = build(tmp_path / "swapped")
     assert result.exit_code == 3 and "validation: failed" in result.output
     assert graph_cache(tmp_path / "swapped") == "hit"
+
+
+def test_a_cache_that_cannot_be_written_is_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       _cache: Path, seeded: tuple[Path, Path]) -> None:
+    """A full disk while the entry is written: the build goes on, with the clean bytes and one warning."""
+    clean = from_seed(seeded, _cache)
+    for path in (_cache / "onnx-graphs").iterdir():
+        path.unlink()  # this test's own copy; the trace entry stays, so only the graph is written
+
+    def full(*_: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("exporter.trace_cache.write_atomic", full)
+    found = warnings_of(build(tmp_path / "full", "--no-validate"))
+    assert len(found) == 1 and "could not write the graph cache" in found[0] and "No space left" in found[0], found
+    assert graph_cache(tmp_path / "full") == "miss"
+    assert digests(tmp_path / "full") == digests(clean)
+    assert not list((_cache / "onnx-graphs").iterdir())
