@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from exporter.manifest import read_manifest, write_manifest
-from exporter.trace import TraceSpec, trace
+from exporter.trace import TracedProgram, TraceSpec, trace
 
 SCALE_FACTOR = 1.5
 KV_LAYER = 0
@@ -35,7 +35,7 @@ def window_off_by_one() -> Iterator[None]:
     def wrong(spec: TraceSpec, use_cache: bool = True) -> Any:
         cfg = dataclasses.replace(spec.config, sliding_window=spec.config.sliding_window - 1)
         result = real(spec, use_cache)
-        return dataclasses.replace(result, program=trace(TraceSpec(cfg, spec.capacity, spec.dtype)))
+        return TracedProgram(spec, result.cache_hit, result.seconds, program=trace(TraceSpec(cfg, spec.capacity, spec.dtype)))
 
     build_module.traced = wrong
     try:

@@ -56,15 +56,20 @@ def dumps(program: ExportedProgram) -> bytes:
 
 
 def digest(program: ExportedProgram) -> str:
-    """A content hash of the program's computation: its serialized graph, without the storage offsets
-    of fake-tensor metadata (a reloaded program records 0 where a fresh trace records a view's offset;
-    lowering never reads them). Equal for a fresh trace and its trace-cache copy."""
+    """A content hash of the program's computation (see digest_json)."""
+    return digest_json(dumps(program))
+
+
+def digest_json(data: bytes) -> str:
+    """The content hash of dumps() bytes, without the storage offsets of fake-tensor metadata (a
+    reloaded program records 0 where a fresh trace records a view's offset; lowering never reads them).
+    Equal for a fresh trace, its trace-cache bytes and the program loaded from them."""
     def strip(node: Any) -> Any:
         if isinstance(node, dict):
             return {k: strip(v) for k, v in node.items() if k != "storage_offset"}
         return [strip(v) for v in node] if isinstance(node, list) else node
 
-    canonical = json.dumps(strip(json.loads(dumps(program))), sort_keys=True).encode()
+    canonical = json.dumps(strip(json.loads(data)), sort_keys=True).encode()
     return hashlib.sha256(canonical).hexdigest()[:20]
 
 

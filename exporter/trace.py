@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from exporter.model import MistralModel, MistralPart
 from exporter.trace_cache import ProgramCache
 
 MAX_BATCH = 256
+log = logging.getLogger("mistral_export")
 
 
 def _graph_source_hash() -> str:
@@ -114,32 +116,75 @@ def trace(spec: TraceSpec) -> ExportedProgram:
     return program
 
 
-@dataclass
 class TracedProgram:
-    """A weight-free exported program and where it came from."""
+    """A weight-free exported program and where it came from.
 
-    program: ExportedProgram
-    spec: TraceSpec
-    cache_hit: bool
-    seconds: float
+    A trace-cache hit holds the entry's sealed bytes and deserializes them (about 4 s at 155M) only
+    when a target asks for `program`: a lowered-graph cache hit needs no more than `digest`. Loading
+    verifies the program against its spec; an entry that fails is one warning, and a fresh trace
+    (which replaces the entry) is used instead, so `cache_hit` is final only once `program` was read.
+    """
+
+    def __init__(self, spec: TraceSpec, cache_hit: bool, seconds: float, program: ExportedProgram | None = None,
+                 data: bytes | None = None, cache: ProgramCache | None = None) -> None:
+        if program is None and data is None:
+            raise ValueError("a TracedProgram needs a program or its serialized bytes")
+        self.spec, self.cache_hit, self.seconds = spec, cache_hit, seconds
+        self._program, self._data, self._cache = program, data, cache
+        self._digest: str | None = None
+
+    @property
+    def program(self) -> ExportedProgram:
+        if self._program is None:
+            assert self._data is not None
+            spec = self.spec
+            loaded = self._cache.load(spec.key(), self._data, spec.config, spec.capacity, spec.dtype) \
+                if self._cache is not None else None
+            if loaded is None:  # the entry failed its check (one warning said so): trace afresh
+                start = time.perf_counter()
+                loaded = trace(spec)
+                self.cache_hit, self.seconds, self._digest = False, self.seconds + time.perf_counter() - start, None
+                self._data = _store(self._cache, spec, loaded)
+            self._program = loaded
+        return self._program
+
+    @property
+    def digest(self) -> str:
+        """program_file.digest of the program, from its bytes when it has not been loaded."""
+        if self._digest is None:
+            self._digest = (program_file.digest_json(self._data) if self._data is not None
+                            else program_file.digest(self.program))
+        return self._digest
+
+
+def _store(cache: ProgramCache | None, spec: TraceSpec, program: ExportedProgram) -> bytes | None:
+    """Write a fresh trace to the cache; its bytes (for the digest), or None when it has none."""
+    if cache is None:
+        return None
+    try:
+        data = program_file.dumps(program)
+    except program_file.ProgramError as exc:
+        log.warning("could not write the trace cache (%s); continuing without it", exc)
+        return None
+    cache.store(spec.key(), spec.describe(), data)
+    return data
 
 
 def traced(spec: TraceSpec, use_cache: bool = True) -> TracedProgram:
-    """The exported program for spec: from the trace cache when a verified entry is there (see
-    exporter.trace_cache), else traced now and stored. use_cache=False neither reads nor writes it."""
+    """The exported program for spec: from the trace cache when a sealed entry is there (see
+    exporter.trace_cache; verified when first loaded), else traced now and stored. use_cache=False
+    neither reads nor writes it."""
     start = time.perf_counter()
     # Parts are traced afresh: a part's trace takes seconds, against minutes for converting it, and the
     # cache's program check (program_file.verify) describes whole models.
     cache = ProgramCache.open() if use_cache and spec.layers is None else None
     if cache is not None:
-        program = cache.load(spec.key(), spec.describe(), spec.config, spec.capacity, spec.dtype)
-        if program is not None:
-            return TracedProgram(program, spec, True, time.perf_counter() - start)
+        data = cache.read(spec.key(), spec.describe())
+        if data is not None:
+            return TracedProgram(spec, True, time.perf_counter() - start, data=data, cache=cache)
     program = trace(spec)
     seconds = time.perf_counter() - start
-    if cache is not None:
-        cache.store(spec.key(), spec.describe(), program)
-    return TracedProgram(program, spec, False, seconds)
+    return TracedProgram(spec, False, seconds, program=program, data=_store(cache, spec, program), cache=cache)
 
 
 def save_program(program: ExportedProgram, path: Path) -> None:

@@ -160,27 +160,34 @@ class ProgramCache:
     def _paths(self, key: str) -> tuple[Path, Path]:
         return self.folder / f"{key}.program.json", self.folder / f"{key}.meta.json"
 
-    def load(self, key: str, spec: dict[str, Any], config: Any, capacity: int,
-             dtype: torch.dtype) -> ExportedProgram | None:
-        """The verified program cached under key, or None (a miss)."""
+    def read(self, key: str, spec: dict[str, Any]) -> bytes | None:
+        """The program bytes cached under key when the entry is this user's, sealed and written for
+        this spec, else None (a miss). The program itself is checked where it is loaded (load)."""
         graph, sidecar = self._paths(key)
         if not graph.exists() and not sidecar.exists():
             return None
         try:
-            _, data = read_entry(graph, sidecar, FORMAT, spec, program_file.MAX_PROGRAM_BYTES)
-            program = program_file.loads(data, config, dtype)
-            program_file.verify(program, config, capacity, dtype)
-            return program
-        except (UnsafeCache, program_file.ProgramError, ValueError) as exc:
+            return read_entry(graph, sidecar, FORMAT, spec, program_file.MAX_PROGRAM_BYTES)[1]
+        except (UnsafeCache, ValueError) as exc:
             log.warning("trace cache entry %s %s; tracing afresh", graph.name, exc)
             return None
 
-    def store(self, key: str, spec: dict[str, Any], program: ExportedProgram) -> None:
-        """Write the entry (program, then sidecar); a failure is one warning, never an error."""
+    def load(self, key: str, data: bytes, config: Any, capacity: int, dtype: torch.dtype) -> ExportedProgram | None:
+        """The program of read() bytes, verified against the config (program_file.verify), or None."""
+        try:
+            program = program_file.loads(data, config, dtype)
+            program_file.verify(program, config, capacity, dtype)
+            return program
+        except program_file.ProgramError as exc:
+            log.warning("trace cache entry %s %s; tracing afresh", self._paths(key)[0].name, exc)
+            return None
+
+    def store(self, key: str, spec: dict[str, Any], data: bytes) -> None:
+        """Write the entry (program bytes of program_file.dumps, then sidecar); a failure is one
+        warning, never an error."""
         graph, sidecar = self._paths(key)
         try:
-            write_entry(graph, sidecar, program_file.dumps(program),
-                        {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec})
-        except (OSError, program_file.ProgramError) as exc:
+            write_entry(graph, sidecar, data, {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec})
+        except OSError as exc:
             log.warning("could not write the trace cache in %s (%s); continuing without it", self.folder,
-                        getattr(exc, "strerror", None) or exc)
+                        exc.strerror or exc)

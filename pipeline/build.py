@@ -138,7 +138,7 @@ def _build(req: BuildRequest, progress: Progress, validator: Validator | None, s
             raise UserError(f"the tokenizer has {tokenizer['vocab_size']} ids but the model only "
                             f"{source.config.vocab_size}; give the checkpoint's own tokenizer file")
         tokenizer_dir = stage / TOKENIZER_DIR if tokenizer is not None else None
-        lowered = target.lower(LowerInput(trace.program, source.config, capacity, req.precision, source,
+        lowered = target.lower(LowerInput(trace, source.config, capacity, req.precision, source,
                                           req.device, options, progress, tokenizer_dir, runtime), stage)
         manifest = {
             "model": {"name": source.name, "source": source.origin().fingerprint(), "config": source.config.to_dict(),

@@ -23,6 +23,7 @@ from exporter.checkpoint import Rows, WeightSource
 from exporter.config import MistralConfig
 from exporter.contract import CacheContract, TensorSpec
 from exporter.errors import UserError
+from exporter.trace import TracedProgram
 
 Progress = Callable[[str, float], None]  # (message, fraction done 0..1)
 
@@ -31,7 +32,7 @@ Progress = Callable[[str, float], None]  # (message, fraction done 0..1)
 class LowerInput:
     """What a target lowers from: the exported program, its spec, and the weights to stream."""
 
-    traced: ExportedProgram
+    trace: TracedProgram
     config: MistralConfig
     capacity: int
     precision: str
@@ -42,6 +43,11 @@ class LowerInput:
     tokenizer_dir: Path | None = None  # the artifact's tokenizer/ folder, already written, if it has one
     adapters: dict[str, Any] = field(default_factory=dict)  # runtime LoRA adapters by name (exporter.adapter)
 
+    @property
+    def traced(self) -> ExportedProgram:
+        """The one weight-free program; targets must not modify it (see program())."""
+        return self.trace.program
+
     def program(self) -> ExportedProgram:
         """A private copy of the weight-free program (placeholders are shared, they are tiny)."""
         # Without the memo, deepcopy clones each zero-stride placeholder into a full dense tensor.
@@ -50,7 +56,7 @@ class LowerInput:
 
     def weight(self, name: str) -> torch.Tensor:
         """One weight by canonical parameter name, in the traced dtype (tied lm_head resolved)."""
-        return self.weights.parameter(name, next(iter(self.traced.state_dict.values())).dtype)
+        return self.weights.parameter(name, self.trace.spec.dtype)
 
     def weight_rows(self, name: str) -> Rows:
         """One weight to read in blocks of rows, in the checkpoint's own dtype, for targets that

@@ -136,14 +136,15 @@ def test_quantized_graph_equals_its_dequantized_weights(model: Any, checkpoint: 
 def test_lowering_leaves_the_traced_program_unchanged(model: Any, checkpoint: Path, tmp_path: Path) -> None:
     from exporter.checkpoint import CheckpointFolder
     from exporter.config import config_from_dict
-    from exporter.trace import TraceSpec, trace
+    from exporter.trace import TraceSpec, traced
     from targets.base import LowerInput
     from targets.onnxruntime.target import OnnxRuntimeOptions, OnnxRuntimeTarget
 
     cfg = config_from_dict(model.config.to_dict())
-    program = trace(TraceSpec(cfg, cfg.sliding_window, torch.float32))
+    trace = traced(TraceSpec(cfg, cfg.sliding_window, torch.float32), use_cache=False)
+    program = trace.program
     code, weights = program.graph_module.code, dict(program.state_dict)
-    OnnxRuntimeTarget().lower(LowerInput(program, cfg, cfg.sliding_window, "int4", CheckpointFolder(checkpoint),
+    OnnxRuntimeTarget().lower(LowerInput(trace, cfg, cfg.sliding_window, "int4", CheckpointFolder(checkpoint),
                                          "cpu", OnnxRuntimeOptions()), tmp_path)
     assert program.graph_module.code == code
     assert all(program.state_dict[k] is v and 0 in v.stride() for k, v in weights.items() if v.dim() > 1)

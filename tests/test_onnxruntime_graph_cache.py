@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from exporter.config import preset
-from exporter.trace import TraceSpec, trace
+from exporter.trace import TracedProgram, TraceSpec, trace
 from mistral_export.cli import configure_logging
 from tests.conftest import cli_run as run
 
@@ -161,13 +161,10 @@ def test_a_program_that_is_not_its_specs_misses_the_specs_graph(tmp_path: Path, 
     """The key is the program's content, not its trace spec: a wrong program under the right spec (a
     planted window defect) is lowered afresh, so validation sees it and fails (exit 3)."""
     from_seed(seeded, _cache)
-    from exporter import trace as trace_module
-
     wrong = trace(TraceSpec(dataclasses.replace(TINY, sliding_window=TINY.sliding_window - 1),
                             TINY.sliding_window, torch.float32))
-    real = trace_module.traced
     monkeypatch.setattr("pipeline.build.traced",
-                        lambda spec, use_cache=True: dataclasses.replace(real(spec, use_cache), program=wrong))
+                        lambda spec, use_cache=True: TracedProgram(spec, True, 0.0, program=wrong))
     result = build(tmp_path / "wrong")
     assert result.exit_code == 3 and "validation: failed" in result.output
     assert len(list((_cache / "onnx-graphs").glob("*.onnx"))) == 2  # its own entry; the clean one untouched
@@ -208,3 +205,41 @@ def test_a_cache_that_cannot_be_written_is_one_warning(tmp_path: Path, monkeypat
     assert graph_cache(tmp_path / "full") == "miss"
     assert digests(tmp_path / "full") == digests(clean)
     assert not list((_cache / "onnx-graphs").iterdir())
+
+
+def test_a_hit_never_deserializes_the_program(tmp_path: Path, _cache: Path, seeded: tuple[Path, Path],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both caches warm: the graph is found by the digest of the trace entry's bytes, and the program
+    (seconds at 155M) is never loaded; the bytes are the clean build's."""
+    clean = from_seed(seeded, _cache)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the program was deserialized")
+
+    monkeypatch.setattr("exporter.program_file.loads", refuse)
+    assert not warnings_of(build(tmp_path / "hit", "--no-validate"))
+    assert graph_cache(tmp_path / "hit") == "hit"
+    assert json.loads((tmp_path / "hit" / "manifest.json").read_text())["trace"]["cache_hit"]
+    assert digests(tmp_path / "hit") == digests(clean)
+
+
+def test_a_trace_entry_that_fails_its_check_is_traced_afresh_before_lowering(
+        tmp_path: Path, _cache: Path, seeded: tuple[Path, Path]) -> None:
+    """A sealed trace entry holding another config's program: its digest finds no graph, loading it
+    fails the program check (one warning), and the fresh trace is lowered, recorded as built."""
+    from exporter import program_file
+
+    clean = from_seed(seeded, _cache)
+    [sidecar] = (_cache / "programs").glob("*.meta.json")
+    graph = sidecar.with_name(sidecar.name.replace(".meta.json", ".program.json"))
+    other = trace(TraceSpec(dataclasses.replace(TINY, sliding_window=TINY.sliding_window - 1),
+                            TINY.sliding_window, torch.float32))
+    graph.write_bytes(program_file.dumps(other))
+    reseal(graph, sidecar, lambda meta: None)
+    result = build(tmp_path / "art", "--no-validate")
+    assert any("trace cache entry" in w and "tracing afresh" in w for w in warnings_of(result))
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert not manifest["trace"]["cache_hit"] and manifest["target"]["graph_cache"] == "miss"
+    assert digests(tmp_path / "art") == digests(clean)
+    # The entry was replaced by the fresh trace: the next build is a clean hit.
+    assert not warnings_of(build(tmp_path / "again", "--no-validate"))

@@ -182,11 +182,11 @@ def _tiny_lower_input(precision: str) -> object:
 
     from exporter.checkpoint import PresetWeights
     from exporter.config import preset
-    from exporter.trace import TraceSpec, trace
+    from exporter.trace import TraceSpec, traced
     from targets.base import LowerInput
 
-    traced = trace(TraceSpec(preset("tiny"), 16, torch.float32))
-    return LowerInput(traced, preset("tiny"), 16, precision, PresetWeights("tiny"), "cpu", None)
+    trace = traced(TraceSpec(preset("tiny"), 16, torch.float32), use_cache=False)
+    return LowerInput(trace, preset("tiny"), 16, precision, PresetWeights("tiny"), "cpu", None)
 
 
 def _constants(model: object) -> Counter:

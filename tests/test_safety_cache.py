@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from exporter import program_file, trace_cache
 from exporter.config import preset
 from exporter.manifest import read_manifest, write_manifest
-from exporter.trace import TraceSpec, save_program, trace
+from exporter.trace import TracedProgram, TraceSpec, save_program, trace
 from mistral_export.cli import configure_logging
 from tests.conftest import cli_run as run
 
@@ -205,7 +205,7 @@ def test_validation_catches_a_wrong_program_that_fooled_the_cache(tmp_path: Path
 
     def fooled(spec: TraceSpec, use_cache: bool = True) -> Any:
         result = real(spec, use_cache)
-        return dataclasses.replace(result, program=wrong, cache_hit=True)
+        return TracedProgram(result.spec, True, result.seconds, program=wrong)
 
     monkeypatch.setattr("pipeline.build.traced", fooled)
     result = run("build", "--target", "onnxruntime", "--out", str(tmp_path / "art"))

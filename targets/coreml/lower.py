@@ -174,7 +174,7 @@ def _part_program(inp: LowerInput, start: int, end: int, parts: int) -> Exported
     traced from the same canonical model code (exporter.model.MistralPart) in the same dtype."""
     if parts == 1:
         return inp.program()
-    dtype = next(iter(inp.traced.state_dict.values())).dtype
+    dtype = inp.trace.spec.dtype
     return traced(TraceSpec(inp.config, inp.capacity, dtype, layers=(start, end))).program
 
 

@@ -138,14 +138,14 @@ def _cached_graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) 
     settings = {"config": inp.config.to_dict(), "capacity": inp.capacity, "attention": attention,
                 "upcast": _upcast(inp), "fuse_rotary": options.fuse_rotary, "pack_qkv": options.pack_qkv,
                 "cache_slack": options.cache_slack}
-    spec = graph_spec(program_file.digest(inp.traced), settings)
-    parameters = {name: tuple(t.shape) for name, t in inp.traced.state_dict.items()}
-    hit = cache.load(spec, parameters)
+    # A hit never deserializes the program: the digest comes from its trace-cache bytes.
+    hit = cache.load(graph_spec(inp.trace.digest, settings), program_file.parameter_shapes(inp.config))
     if hit is not None:
         inp.progress("onnx: lowered graph from the cache", 0.0)
         return hit[0], {**hit[1], "graph_cache": "hit"}
     model, extra = _graph(inp, options, attention)
-    cache.store(spec, model, extra)
+    # Again after _graph: a trace-cache entry that failed its check when loaded was traced afresh.
+    cache.store(graph_spec(inp.trace.digest, settings), model, extra)
     return model, {**extra, "graph_cache": "miss"}
 
 
