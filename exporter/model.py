@@ -104,12 +104,18 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
 
 
+def _embedding(cfg: MistralConfig) -> nn.Embedding:
+    # Uninitialized: weights are always bound after construction, and Embedding's normal_ init on the
+    # meta device imports torch._dynamo (about 2.4 s of every build that only needs shapes).
+    return nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+
+
 class Backbone(nn.Module):
     """Embedding, layers and final norm; named `model` in the parent so keys match HF."""
 
     def __init__(self, cfg: MistralConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = _embedding(cfg)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -156,7 +162,7 @@ class MistralPart(nn.Module):
         self.cfg, self.start, self.end = cfg, start, end
         self.model = nn.Module()
         if start == 0:
-            self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.model.embed_tokens = _embedding(cfg)
         # A ModuleDict keyed by the global index keeps the names `model.layers.<i>.`.
         self.model.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(start, end)})
         if end == cfg.num_hidden_layers:
@@ -189,3 +195,11 @@ def empty_caches(cfg: MistralConfig, batch: int, capacity: int, dtype: torch.dty
     shape = (batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
     return ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)],
             [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)])
+
+
+def parameter_shapes(cfg: MistralConfig, layers: tuple[int, int] | None = None) -> dict[str, tuple[int, ...]]:
+    """Every parameter name (a tied lm_head included) with its shape, of the whole model or of the part
+    holding layers [start, end), from a meta-device instance."""
+    with torch.device("meta"):
+        model = MistralModel(cfg) if layers is None else MistralPart(cfg, *layers)
+    return {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}

@@ -25,20 +25,13 @@ from torch.export.graph_signature import InputKind
 
 from exporter.attention import CACHED_ATTENTION_OP
 from exporter.config import MistralConfig
-from exporter.model import MistralModel
+from exporter.model import parameter_shapes
 
 MAX_PROGRAM_BYTES = 256 << 20  # far above any real graph (Mistral 7B: about 3 MB); bounds a hostile read
 
 
 class ProgramError(Exception):
     """A program file that cannot be read, or that is not the expected program."""
-
-
-def parameter_shapes(config: MistralConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter name the traced program holds (a tied lm_head included), with its shape."""
-    with torch.device("meta"):
-        model = MistralModel(config)
-    return {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
 
 
 def _stubs(config: MistralConfig, dtype: torch.dtype) -> dict[str, torch.nn.Parameter]:

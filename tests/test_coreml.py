@@ -69,7 +69,7 @@ def test_functions_share_one_copy_of_the_weights(fp16_artifact: Path) -> None:
     # prefill_16 and decode bind the same arrays and are deduplicated across functions: the weight file
     # holds each parameter once in fp16 (plus small constants), not once per function.
     from exporter.config import MistralConfig
-    from exporter.program_file import parameter_shapes
+    from exporter.model import parameter_shapes
 
     cfg = MistralConfig(**json.loads((fp16_artifact / "manifest.json").read_text())["model"]["config"])
     fp16_bytes = 2 * sum(int(np.prod(shape)) for shape in parameter_shapes(cfg).values())

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from exporter.checkpoint import sha256_file
+from exporter.checkpoint import finite, sha256_file
+from exporter.errors import CheckpointError
 from exporter.manifest import read_manifest, write_manifest
 from tests.conftest import cli_run as run, TINY_HF, hf_model, save_checkpoint, write_config
 
@@ -314,3 +315,15 @@ def test_a_tokenizer_file_linked_out_of_the_checkpoint_is_refused(tmp_path: Path
     (folder / "tokenizer_config.json").symlink_to("copy.json")
     assert run("build", "--target", "reference", "--checkpoint", str(folder), "--out", str(out),
                "--no-validate").exit_code == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_non_finite_value_anywhere_is_refused(dtype: torch.dtype, bad: float) -> None:
+    clean = torch.randn(4099, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert finite("w", clean, "f") is clean
+    for position in (0, 1, 2048, 4098):
+        tensor = clean.clone()
+        tensor[position] = bad
+        with pytest.raises(CheckpointError, match="holds 1 NaN/Inf"):
+            finite("w", tensor, "f")

@@ -29,7 +29,7 @@ from torch.export import ExportedProgram
 
 from exporter.attention import decompose
 from exporter.config import MistralConfig
-from exporter.program_file import parameter_shapes
+from exporter.model import parameter_shapes
 from exporter.trace import TraceSpec, traced
 from targets.base import LowerInput
 from targets.coreml import fp16_pass

@@ -21,6 +21,7 @@ import torch
 from exporter.config import MistralConfig
 from exporter.errors import ArtifactError, UserError
 from exporter.manifest import listed_dir
+from exporter.model import parameter_shapes
 from targets.resources import BASELINE_BYTES
 
 SINGLE_FILE = "model.mlpackage"
@@ -75,11 +76,7 @@ def schedule(tokens: int, lengths: tuple[int, ...]) -> Iterator[tuple[str, int, 
 
 def part_parameters(cfg: MistralConfig, start: int, end: int) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes of the part holding layers [start, end)."""
-    from exporter.model import MistralPart
-
-    with torch.device("meta"):
-        part = MistralPart(cfg, start, end)
-    return {name: tuple(p.shape) for name, p in part.named_parameters()}
+    return parameter_shapes(cfg, (start, end))
 
 
 def part_fp32_bytes(cfg: MistralConfig, start: int, end: int) -> int:

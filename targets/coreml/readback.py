@@ -16,7 +16,7 @@ import torch
 
 from exporter.checkpoint import WeightSource
 from exporter.config import MistralConfig
-from exporter.program_file import parameter_shapes
+from exporter.model import parameter_shapes
 from targets.base import Readback
 from targets.coreml.weights import mil_name
 

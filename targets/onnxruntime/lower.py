@@ -8,10 +8,10 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-from exporter import program_file
 from exporter.checkpoint import DTYPES
 from exporter.contract import CacheContract, TensorSpec
 from exporter.errors import UserError
+from exporter.model import parameter_shapes
 from exporter.trace import trace_dtype
 from targets.base import LowerInput, Lowered
 from targets.onnxruntime import kernels
@@ -139,7 +139,7 @@ def _cached_graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) 
                 "upcast": _upcast(inp), "fuse_rotary": options.fuse_rotary, "pack_qkv": options.pack_qkv,
                 "cache_slack": options.cache_slack}
     # A hit never deserializes the program: the digest comes from its trace-cache bytes.
-    hit = cache.load(graph_spec(inp.trace.digest, settings), program_file.parameter_shapes(inp.config))
+    hit = cache.load(graph_spec(inp.trace.digest, settings), parameter_shapes(inp.config))
     if hit is not None:
         inp.progress("onnx: lowered graph from the cache", 0.0)
         return hit[0], {**hit[1], "graph_cache": "hit"}

@@ -17,7 +17,7 @@ import torch
 
 from exporter.checkpoint import WeightSource
 from exporter.config import MistralConfig
-from exporter.program_file import parameter_shapes
+from exporter.model import parameter_shapes
 from targets.base import Readback
 from targets.openvino import compress
 from targets.openvino.options import OpenVinoOptions
