@@ -74,13 +74,9 @@ def schedule(tokens: int, lengths: tuple[int, ...]) -> Iterator[tuple[str, int, 
         yield prefill_name(length), length, tokens
 
 
-def part_parameters(cfg: MistralConfig, start: int, end: int) -> dict[str, tuple[int, ...]]:
-    """Parameter names and shapes of the part holding layers [start, end)."""
-    return parameter_shapes(cfg, (start, end))
-
-
 def part_fp32_bytes(cfg: MistralConfig, start: int, end: int) -> int:
-    return 4 * sum(torch.Size(shape).numel() for shape in part_parameters(cfg, start, end).values())
+    """fp32 weight bytes of the part holding layers [start, end)."""
+    return 4 * sum(torch.Size(shape).numel() for shape in parameter_shapes(cfg, (start, end)).values())
 
 
 def split_layers(layers: int, parts: int) -> list[tuple[int, int]]:
