@@ -91,7 +91,9 @@ def weight_bytes(model_file: Path) -> int:
     return total
 
 
-def _worker(conn: Any, model_dir: str, threads: int, capacity: int, window: int, rows: int) -> None:
+def open_runner(model_dir: str, threads: int, capacity: int, window: int, rows: int) -> Any:
+    """The shared harness on one model folder, ours or the builder's: GqaRunner on a session with the
+    same threads and a cache buffer of the same rows, its cache layout read from the graph."""
     from targets.onnxruntime.runner import GqaRunner, session
 
     import onnx
@@ -103,8 +105,12 @@ def _worker(conn: Any, model_dir: str, threads: int, capacity: int, window: int,
     cache = {"num_layers": HF_CONFIG["num_hidden_layers"], "kv_heads": dims[1].dim_value,
              "head_dim": dims[3].dim_value or HF_CONFIG["hidden_size"] // HF_CONFIG["num_attention_heads"],
              "dtype": elem}
-    runner = GqaRunner(session(Path(model_dir) / "model.onnx", "cpu", threads), "cpu", capacity, window,
-                       cache, threads, rows, None)
+    return GqaRunner(session(Path(model_dir) / "model.onnx", "cpu", threads), "cpu", capacity, window,
+                     cache, threads, rows, None)
+
+
+def _worker(conn: Any, model_dir: str, threads: int, capacity: int, window: int, rows: int) -> None:
+    runner = open_runner(model_dir, threads, capacity, window, rows)
     rng = np.random.default_rng(0)
     while (msg := conn.recv()) is not None:
         try:
