@@ -58,14 +58,6 @@ OV_OURS = {
 OV_PEERS = {"optimum default": []}  # --weight-format int4 alone: int4_asym g128, embedding/lm_head int8_asym
 
 
-def build_ours(target: str, checkpoint: Path, out: Path, options: tuple[str, ...]) -> None:
-    if (out / "manifest.json").is_file():
-        return
-    ovb.run([sys.executable, "-m", "mistral_export.entry", "build", "--target", target, "--checkpoint", str(checkpoint),
-             "--precision", "int4", "--out", str(out), "--force", "--no-validate",
-             *[a for o in options for a in ("--option", o)]])
-
-
 def build_optimum(cli: str, checkpoint: Path, out: Path, extra: list[str]) -> None:
     if (out / "openvino_model.xml").is_file():
         return
@@ -75,16 +67,23 @@ def build_optimum(cli: str, checkpoint: Path, out: Path, extra: list[str]) -> No
 
 def optimum_checkpoint(checkpoint: Path, work: Path) -> Path:
     """The checkpoint with a config.json without layer_types (optimum-intel 2.2 refuses it; the rows
-    here are shorter than the window, so the window does not enter the comparison)."""
+    here are shorter than the window, so the window does not enter the comparison). Made beside its
+    place and renamed into it whole, so a killed run leaves no half copy to be taken for a whole one."""
     copy = work / "checkpoint-optimum"
-    if not copy.is_dir():
-        copy.mkdir()
-        for f in checkpoint.iterdir():
-            (copy / f.name).symlink_to(f.resolve())
-        (copy / "config.json").unlink()
-        cfg = json.loads((checkpoint / "config.json").read_text())
-        cfg.pop("layer_types", None)
-        (copy / "config.json").write_text(json.dumps(cfg))
+    if copy.is_dir():
+        return copy
+    staging = Path(tempfile.mkdtemp(prefix=".checkpoint-optimum-", dir=work))
+    for f in checkpoint.iterdir():
+        if f.name != "config.json":
+            (staging / f.name).symlink_to(f.resolve())
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    cfg.pop("layer_types", None)
+    (staging / "config.json").write_text(json.dumps(cfg))
+    try:
+        staging.rename(copy)
+    except OSError:  # a concurrent run put its own copy there first: use that one
+        if not copy.is_dir():
+            raise
     return copy
 
 
@@ -94,11 +93,11 @@ def size_mb(folder: Path) -> float:
 
 
 def corpus_rows(vocab: int) -> list[list[int]]:
+    """The first ROWS rows of ROW_LEN tokens of the validation corpus (validation/corpus.py)."""
     from validation import corpus
 
     ids, _ = corpus.tokens(None, vocab)
-    stream = ids * (ROWS * ROW_LEN // len(ids) + 1)
-    return [stream[i * ROW_LEN:(i + 1) * ROW_LEN] for i in range(ROWS)]
+    return corpus.rows(ids, ROW_LEN, None, held=ROW_LEN)[:ROWS]
 
 
 def logits_of(runner: Any, rows: list[list[int]]) -> list[np.ndarray]:
@@ -123,16 +122,24 @@ def quality(reference: list[np.ndarray], got: list[np.ndarray], rows: list[list[
     return {"mean_kl": s["mean_kl"], "kl_p99": s["kl_percentiles"]["p99"], "same_top_pct": s["same_top_pct"]}
 
 
+_REFERENCE: dict[tuple[str, int], list[np.ndarray]] = {}
+
+
 def reference_logits(artifact: Path, rows: list[list[int]]) -> list[np.ndarray]:
+    """The eager fp32 model's logits on the rows, computed once per checkpoint and capacity (every
+    runtime's rows compare against the same ones)."""
     from exporter.manifest import read_manifest
     from validation.reference import reference_runner, source_from_manifest
 
     manifest = read_manifest(artifact)
-    return logits_of(reference_runner(manifest, source_from_manifest(manifest)), rows)
+    key = (manifest["model"]["source"], manifest["cache"]["capacity"])
+    if key not in _REFERENCE:
+        _REFERENCE[key] = logits_of(reference_runner(manifest, source_from_manifest(manifest)), rows)
+    return _REFERENCE[key]
 
 
 def ort_runner(folder: Path, threads: int, capacity: int) -> Any:
-    return ortb.open_runner(str(folder), threads, capacity, capacity, capacity + max(8, capacity // 8))
+    return ortb.open_runner(str(folder), threads, capacity, capacity, ortb.buffer_rows(capacity))
 
 
 def matmul_nbits(folder: Path) -> str:
@@ -152,7 +159,7 @@ def onnxruntime_rows(checkpoint: Path, work: Path, args: argparse.Namespace) -> 
     models: dict[str, Path] = {}
     for name, options in ORT_OURS.items():
         models[name] = work / ("ort-" + name.replace(" ", "").replace(",", "-"))
-        build_ours("onnxruntime", checkpoint, models[name], options)
+        ovb.export_ours(checkpoint, models[name], "int4", options, target="onnxruntime")
     for name, block in ORT_PEERS.items():
         models[name] = work / ("ort-" + name.replace(" ", ""))
         if not (models[name] / "model.onnx").is_file():
@@ -169,7 +176,7 @@ def onnxruntime_rows(checkpoint: Path, work: Path, args: argparse.Namespace) -> 
     for name in [n for n in models if n != peer]:
         for group, samples in (("prefill", args.prefill_samples), ("decode", args.decode_samples)):
             times, _ = ortb.measure({name: models[name], peer: models[peer]}, [p for p in points if p[0] == group],
-                                    samples, args.threads, capacity, capacity, capacity + max(8, capacity // 8))
+                                    samples, args.threads, capacity, capacity, ortb.buffer_rows(capacity))
             for (k, n), v in times[name].items():
                 result[name][f"{k}@{n}"] = v
                 result[name][f"{k}@{n}_vs_peer"] = v / times[peer][(k, n)]
@@ -183,7 +190,7 @@ def onnxruntime_rows(checkpoint: Path, work: Path, args: argparse.Namespace) -> 
 def openvino_rows(checkpoint: Path, work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     ours = {name: work / ("ov-" + name.replace(" ", "").replace(",", "-")) for name in OV_OURS}
     for name, folder in ours.items():
-        build_ours("openvino", checkpoint, folder, (*OV_OURS[name], f"threads={args.threads}"))
+        ovb.export_ours(checkpoint, folder, "int4", (*OV_OURS[name], f"threads={args.threads}"))
     peers = {name: work / ("ov-" + name.replace(" ", "")) for name in OV_PEERS}
     if args.optimum_cli:
         for name, folder in peers.items():
@@ -251,8 +258,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="int4-table-"))
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = work / "checkpoint"
-    if not (checkpoint / "config.json").is_file():
-        ortb.make_checkpoint(checkpoint, args.window, seed=0)
+    ortb.ensure_checkpoint(checkpoint, args.window)
     results = []
     if "onnxruntime" in args.runtimes:
         results += onnxruntime_rows(checkpoint, work, args)

@@ -56,6 +56,18 @@ def make_checkpoint(folder: Path, window: int, seed: int) -> None:
         {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}))
 
 
+def ensure_checkpoint(folder: Path, window: int, seed: int = 0) -> None:
+    """make_checkpoint unless a complete one is there: tokenizer_config.json is written last, after
+    save_pretrained's config.json and weights, so a killed run's folder is written again."""
+    if not (folder / "tokenizer_config.json").is_file():
+        make_checkpoint(folder, window, seed)
+
+
+def buffer_rows(capacity: int) -> int:
+    """The cache buffer rows our runner allocates by default (cache_slack=-1), given to both sides."""
+    return capacity + max(8, capacity // 8)
+
+
 def build_ours(checkpoint: Path, out: Path, precision: str, block_size: int | None) -> None:
     from pipeline.build import BuildRequest, build
 
@@ -200,10 +212,9 @@ def main() -> None:
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="ort-bench-"))
     checkpoint = work / "checkpoint"
-    if not (checkpoint / "config.json").is_file():
-        make_checkpoint(checkpoint, args.window, seed=0)
+    ensure_checkpoint(checkpoint, args.window)
     capacity = args.window
-    rows = capacity + max(8, capacity // 8)  # the buffer our runner allocates by default (cache_slack=-1)
+    rows = buffer_rows(capacity)
     points = [("prefill", 128), ("prefill", 512), ("decode", 128), ("decode", capacity - 16)]
     results = []
     for spec in args.precisions:

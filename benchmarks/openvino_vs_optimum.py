@@ -67,10 +67,10 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def export_ours(checkpoint: Path, out: Path, precision: str, options: tuple[str, ...]) -> None:
+def export_ours(checkpoint: Path, out: Path, precision: str, options: tuple[str, ...], target: str = "openvino") -> None:
     if (out / "manifest.json").is_file():
         return
-    run([sys.executable, "-m", "mistral_export.entry", "build", "--target", "openvino", "--checkpoint", str(checkpoint),
+    run([sys.executable, "-m", "mistral_export.entry", "build", "--target", target, "--checkpoint", str(checkpoint),
          "--precision", precision, "--out", str(out), "--force", "--no-validate",
          *[arg for option in options for arg in ("--option", option)]])
 
