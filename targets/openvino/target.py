@@ -2,7 +2,8 @@
 
 Steps of ``lower``, in order: check options and device; convert (weights as Parameters); name the
 ports; stateful transformation (default); bind weights one tensor at a time, int8/int4 compressed by
-NNCF as they stream in; ``save_model`` without the silent fp16 compression; tokenizer IRs where convertible.
+NNCF as they stream in; ``save_model`` without the silent fp16 compression; the rotary tables marked
+`precise` (f32 at any inference precision); tokenizer IRs where convertible.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from exporter.contract import CacheContract, TensorSpec, cache_contract, canonical_io
 from exporter.manifest import listed_file
 from targets.base import LowerInput, Lowered, check_supported
-from targets.openvino import compress, convert, lora, runner, stateful, tokenizer, weights
+from targets.openvino import compress, convert, lora, precise, runner, stateful, tokenizer, weights
 from targets.openvino.options import (DEVICES, PRECISIONS, SUPPORT_TABLE, OpenVinoOptions, check_options,
                                       runtime_hints)
 from targets.resources import ExportMemory
@@ -84,8 +85,10 @@ class OpenVinoTarget:
             raise AssertionError(f"expected one {KERNEL} per layer, the IR has {ops.get(KERNEL, 0)}")
         import openvino as ov
 
+        rotary = precise.rotary_nodes(model)
         ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=False)
         del model
+        precise.mark_precise(out_dir / MODEL_XML, rotary)
         adapters = lora.write_adapters(out_dir, inp.adapters) if inp.adapters else None
         tok = tokenizer.write_tokenizer(inp.tokenizer_dir, out_dir)
         tokenizer.write_genai_config(cfg, out_dir)
