@@ -85,7 +85,8 @@ def check_parity(artifact: Path, manifest: dict[str, Any], runner: Runner, token
     if readback is not None:
         references["quality"] = EagerRunner(cfg, capacity, float_weights, dtype)
     held = positions_held(runner)
-    case = default_case(runner.capacity, runner.window, cfg.vocab_size, tokenizer, req.new_tokens, held=held)
+    case = default_case(runner.capacity, runner.window, cfg.vocab_size, tokenizer, req.new_tokens, held=held,
+                        positions=cfg.max_position_embeddings)
     rows_name = {"fidelity": row(fidelity_row), "quality": row(quality_row)}
     results = {name: compare(ref, runner, case, rows_name[name][1], progress) for name, ref in references.items()}
     ids, ids_source = corpus.tokens(tokenizer, cfg.vocab_size)

@@ -42,8 +42,10 @@ def _section(name: str, part: dict[str, Any]) -> list[str]:
                   + (f"; {weights['mismatch_count']} differ: {'; '.join(weights['mismatches'][:5])}"
                      if weights["mismatches"] else "") + (f"; {weights['reason']}" if weights.get("reason") else ""), ""]
     case, g, gates = part["case"], part["generation"], part["gates"]
+    reached = (f"; a row of {case['reach']} tokens reaches position {case['positions'] - 1}" if case.get("reach")
+               else f"; positions 0 to {case['positions'] - 1}" if "positions" in case else "")
     lines += [f"Inputs: {case['source']}, prompt lengths {case['prompt_lengths']}, chunk {case['chunk']}, "
-              f"{case['new_tokens']} decode steps.", "",
+              f"{case['new_tokens']} decode steps{reached}.", "",
               "| metric | worst | gate |", "|---|---|---|"]
     for k, v in part["worst"].items():
         gate = "(reported, not gated)" if k == "top1_worst_step" else gates.get(k)

@@ -4,6 +4,10 @@ Both runners see the same deterministic batch: two rows of different lengths tha
 window and the prefill-chunk boundaries. Each step (every prefill chunk, then every decode step) is
 compared; decoding is teacher-forced with the reference's greedy tokens, and then both runners
 generate freely for the token-match rate.
+
+Then one row reaches far positions (the model's max_position_embeddings, at most REACH, within what the
+artifact holds): prefilled chunk by chunk and ended by a few decode steps, it is gated at the chunks
+holding positions 2^k - 1 and at its end, so the gates see as many steps as they were calibrated on.
 """
 
 from __future__ import annotations
@@ -28,18 +32,29 @@ SAMPLE_TEXT = (
 )
 
 
+# Positions the reach row covers at most. Arithmetic that depends on the position in a low precision
+# (fp16 rotary angles: spacing 0.5 at 1000, 2 past 2048, where positions stop being exact) passes the
+# gates at the first few dozen positions and drifts past them within a few hundred: measured on the
+# tiny preset with the angles in fp16, max_abs 0.05 at position 500 and 1.0 at 4000 (fp16 gate 0.02).
+REACH = 4096
+REACH_DECODE = 3  # decode steps that end the reach row (a target's decode path may be its own function)
+
+
 @dataclass(frozen=True)
 class ParityCase:
-    """The compared inputs: prompts (ragged batch), new tokens to decode, and the prefill chunk."""
+    """The compared inputs: prompts (ragged batch), new tokens to decode, the prefill chunk, and the
+    reach row (0: none, where the batch already covers every position the artifact serves)."""
 
     prompts: list[list[int]]
     new_tokens: int
     chunk: int
     source: str
+    reach: list[int] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
         return {"prompt_lengths": [len(p) for p in self.prompts], "new_tokens": self.new_tokens,
-                "chunk": self.chunk, "source": self.source}
+                "chunk": self.chunk, "source": self.source, "reach": len(self.reach),
+                "positions": max(len(self.reach), max(len(p) for p in self.prompts) + self.new_tokens)}
 
 
 def positions_held(runner: Any) -> int | None:
@@ -66,23 +81,36 @@ def prompt_lengths(capacity: int, window: int | None, new_tokens: int, held: int
     return [longest, max(1, longest // 2 + 1)]
 
 
+def reach_length(capacity: int, window: int | None, covered: int, positions: int, held: int | None) -> int:
+    """Tokens of the reach row: up to `positions` (the model's own, at most REACH) and what the artifact
+    holds; 0 without a window (the context bounds the positions, and the batch fills it) or where the
+    batch already covers them."""
+    if not window:
+        return 0
+    reach = min(positions, REACH, held if held is not None else positions)
+    return reach if reach > covered else 0
+
+
 def default_case(capacity: int, window: int | None, vocab: int, tokenizer: Any = None,
-                 new_tokens: int = 20, lengths: Sequence[int] | None = None, held: int | None = None) -> ParityCase:
+                 new_tokens: int = 20, lengths: Sequence[int] | None = None, held: int | None = None,
+                 positions: int = 0) -> ParityCase:
+    """The validation batch, and a reach row up to `positions` (the model's max_position_embeddings)."""
     if held is not None and not lengths:
         new_tokens = min(new_tokens, max(1, held // 4))  # a short table leaves room for prompts too
     lengths = list(lengths or prompt_lengths(capacity, window, new_tokens, held))
+    reach = reach_length(capacity, window, max(lengths) + new_tokens, positions, held)
     # Prefill chunks of C (the longest a target takes) up to PREFILL_STEP tokens, which bounds the
     # reference's activations and each step's logits at scale; rows still cross the window.
     step = min(capacity, PREFILL_STEP)
     if tokenizer is not None:
         ids: list[int] = []
-        while len(ids) < max(lengths) + 1:
+        while len(ids) < max(max(lengths) + 1, reach):
             ids += tokenizer.encode(SAMPLE_TEXT, add_special_tokens=False)
         prompts = [ids[i:i + n] for i, n in enumerate(lengths)]
-        return ParityCase(prompts, new_tokens, step, "text")
+        return ParityCase(prompts, new_tokens, step, "text", ids[:reach])
     rng = np.random.default_rng(1234)
     prompts = [rng.integers(0, vocab, n).tolist() for n in lengths]
-    return ParityCase(prompts, new_tokens, step, "token-ids")
+    return ParityCase(prompts, new_tokens, step, "token-ids", rng.integers(0, vocab, reach).tolist())
 
 
 @dataclass
@@ -113,6 +141,37 @@ def _prefix_match(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def _reach_steps(reference: Runner, target: Runner, case: ParityCase,
+                 progress: Callable[[str, float], None]) -> list[StepMetrics]:
+    """The reach row (batch 1): its prompt prefilled in chunks, then REACH_DECODE decode steps fed the
+    reference's greedy tokens; the metrics of the chunks holding positions 2^k - 1 past the batch's
+    positions, of the last chunk and of every decode step."""
+    if not case.reach:
+        return []
+    prompt = case.reach[:len(case.reach) - REACH_DECODE]
+    ids = np.asarray([prompt], dtype=np.int64)
+    reference.reset(1)
+    target.reset(1)
+    gated = {(1 << k) - 1 for k in range(len(case.reach).bit_length() + 1)
+             if (1 << k) - 1 >= max(len(p) for p in case.prompts)} | {len(prompt) - 1}
+    steps, last = [], np.zeros(0)
+    spans = list(chunks(len(prompt), case.chunk))
+    for i, (a, b) in enumerate(spans):
+        pos = np.arange(a, b, dtype=np.int64)[None]
+        r, g = reference.step(ids[:, a:b], pos), target.step(ids[:, a:b], pos)
+        if any(a <= p < b for p in gated):
+            steps.append(step_metrics(f"reach[{a}:{b}]", r[0], g[0]))
+        last = r[0, -1]
+        progress(f"parity reach {b}/{len(case.reach)}", (i + 1) / (len(spans) + REACH_DECODE))
+    for j in range(REACH_DECODE):
+        p = len(prompt) + j
+        token = np.asarray([[int(last.argmax())]], dtype=np.int64)
+        r, g = reference.step(token, np.asarray([[p]])), target.step(token, np.asarray([[p]]))
+        steps.append(step_metrics(f"reach decode@{p}", r[:, 0], g[:, 0]))
+        last = r[0, 0]
+    return steps
 
 
 def compare(reference: Runner, target: Runner, case: ParityCase, gates: dict[str, float],
@@ -149,6 +208,7 @@ def compare(reference: Runner, target: Runner, case: ParityCase, gates: dict[str
         steps.append(step_metrics(f"decode[{j}]", r[:, 0], g[:, 0]))
         last_ref, last_tgt = r[:, 0], g[:, 0]
         progress(f"parity decode {j + 1}/{case.new_tokens}", (len(spans) + j + 1) / total)
+    steps += _reach_steps(reference, target, case, progress)
     ref_logits: list[np.ndarray] = []
     ref_free = greedy_generate(reference, case.prompts, case.new_tokens, logits=ref_logits)
     tgt_free = greedy_generate(target, case.prompts, case.new_tokens)
