@@ -4,7 +4,10 @@ Each yields a wrong artifact whose hashes are consistent, so only validation can
 - window_off_by_one: built from a program traced with the window one short (GQA local_window_size,
   OpenVINO's mask constant and Core ML's mask all follow it);
 - swapped_kv_heads: built from weights whose first two KV heads of layer 0 are swapped (k and v);
-- perturbed_scale: one quantization scale of one weight multiplied by 1.5 in the artifact's files.
+- perturbed_scale: one quantization scale of one weight multiplied by 1.5 in the artifact's files;
+- low_precision_rotary: built without the targets' guard that keeps the rotary angles in fp32 (Core ML's
+  fp16 pass, OpenVINO's `precise` marks), so a low-precision device computes `position * inv_freq` in
+  fp16: right at the first positions, wrong by hundreds.
 """
 
 from __future__ import annotations
@@ -115,3 +118,18 @@ def perturbed_scale(folder: Path, weight: str = "model.layers.1.mlp.down_proj") 
     else:
         raise ValueError(f"no scale to perturb in a {target} artifact")
     restamp(folder)
+
+
+@contextmanager
+def low_precision_rotary() -> Iterator[None]:
+    """Builds inside the block leave the rotary angles to the device's compute precision."""
+    from targets.coreml import fp16_pass
+    from targets.openvino import precise
+
+    real = fp16_pass.rotary_ops, precise.mark_precise
+    fp16_pass.rotary_ops = lambda prog: set()  # type: ignore[assignment]
+    precise.mark_precise = lambda xml, names: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        fp16_pass.rotary_ops, precise.mark_precise = real
