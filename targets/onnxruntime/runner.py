@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from exporter.errors import ArtifactError, TargetUnavailable, UserError
+from targets.buffers import Recycler
 from targets.onnxruntime.kernels import PROVIDERS
 
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float32, "int4": np.float32}
@@ -71,6 +72,7 @@ class _BaseRunner:
         self.threads = threads or None
         self.layers, self.kv_heads, self.head_dim = cache["num_layers"], cache["kv_heads"], cache["head_dim"]
         self.dtype = NP_DTYPES[cache["dtype"]]
+        self._outputs = Recycler()
         logits = next(o for o in sess.get_outputs() if o.name == "logits")
         self.vocab = logits.shape[-1]
         self._logits_dtype = np.float16 if logits.type == "tensor(float16)" else np.float32
@@ -117,7 +119,7 @@ class _BaseRunner:
         assert io is not None
         for name, array in feeds.items():
             io.bind_cpu_input(name, np.ascontiguousarray(array))
-        logits = np.empty((self.batch, tokens, self.vocab), dtype=self._logits_dtype)
+        logits = self._outputs.take((self.batch, tokens, self.vocab), self._logits_dtype)  # see targets/buffers.py
         io.bind_output("logits", "cpu", 0, self._logits_dtype, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(io)
         return logits.astype(np.float32, copy=False)

@@ -19,6 +19,7 @@ import numpy as np
 
 from exporter.errors import TargetUnavailable, UserError
 from exporter.trace_cache import runtime_cache
+from targets.buffers import Recycler
 from targets.openvino.options import DEVICES
 
 
@@ -74,6 +75,7 @@ class _Base:
         self.capacity = capacity
         self.window = window
         self.vocab = compiled.output("logits").get_partial_shape()[-1].get_length()
+        self._outputs = Recycler()
         threads = self._property("INFERENCE_NUM_THREADS")
         self.threads = int(threads) if threads is not None else None
         # Set by the target's load(): compiles the IR again, with a LoRA adapter file applied (or None).
@@ -89,10 +91,11 @@ class _Base:
         self.slots = None
 
     def _fresh_logits(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A new array the request writes the logits into: returned without a copy, never overwritten."""
+        """An array the request writes the logits into: returned without a copy, and not written again
+        while the caller holds it (targets/buffers.py)."""
         import openvino as ov
 
-        logits = np.empty((*shape, self.vocab), dtype=np.float32)
+        logits = self._outputs.take((*shape, self.vocab), np.float32)
         self.request.set_tensor("logits", ov.Tensor(logits, shared_memory=True))
         return logits
 
