@@ -45,7 +45,11 @@ ORT_OURS = {
     "b32 sym, lm_head float": ("block_size=32", "quantize_lm_head=false"),
     "b128 sym, lm_head float": ("block_size=128", "quantize_lm_head=false"),
 }
-ORT_PEERS = {"builder default": None, "builder b128": 128}  # --extra_options block_size
+# The builder's own int4 (--extra_options): its default (RTN, block 32), block 128, and ORT's k_quant.
+ORT_PEERS = {"builder default": (), "builder b128": ("block_size=128",), "builder k_quant": ("int4_algo_config=k_quant",)}
+# ORT's HQQ quantizer (MatMulNBitsQuantizer, HQQWeightOnlyQuantConfig: data-free, asymmetric with float
+# zero points) run on the builder's fp32 graph: block size per row.
+ORT_HQQ = {"ORT HQQ b64": 64, "ORT HQQ b128": 128}
 OV_OURS = {
     "g128 sym": ("group_size=128",),
     "g64 sym": ("group_size=64",),
@@ -56,6 +60,26 @@ OV_OURS = {
     "g32 sym, lm_head int8": ("group_size=32", "all_layers=false"),
 }
 OV_PEERS = {"optimum default": []}  # --weight-format int4 alone: int4_asym g128, embedding/lm_head int8_asym
+ALWAYS = ("builder default", "optimum default", "b32 sym", "g128 sym")
+
+
+def build_hqq(checkpoint: Path, out: Path, block_size: int, work: Path) -> None:
+    """ORT's HQQ quantizer over the builder's fp32 model, written beside it (the folder renamed into place)."""
+    if (out / "model.onnx").is_file():
+        return
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    fp32 = work / "ort-builder-fp32"
+    if not (fp32 / "model.onnx").is_file():
+        ortb.build_peer(checkpoint, fp32, "fp32", None)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32 / "model.onnx")),
+                                     algo_config=HQQWeightOnlyQuantConfig(block_size=block_size, bits=4))
+    quantizer.process()
+    staging = Path(tempfile.mkdtemp(prefix=".hqq-", dir=work))
+    onnx.save_model(quantizer.model.model, str(staging / "model.onnx"), save_as_external_data=True,
+                    location="model.onnx.data")
+    staging.rename(out)
 
 
 def build_optimum(cli: str, checkpoint: Path, out: Path, extra: list[str]) -> None:
@@ -154,18 +178,29 @@ def matmul_nbits(folder: Path) -> str:
     return f"{len(nodes)} MatMulNBits, block {blocks}, accuracy_level {levels}, {asym} with zero points"
 
 
+def wanted(name: str, args: argparse.Namespace) -> bool:
+    """Whether --rows asks for this row; each peer's default (every ratio needs it) and our own default
+    (the baseline of the choice) are always measured."""
+    return not args.rows or name in args.rows or name in ALWAYS
+
+
 def onnxruntime_rows(checkpoint: Path, work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     capacity = args.window
     models: dict[str, Path] = {}
-    for name, options in ORT_OURS.items():
+    for name, options in [(n, o) for n, o in ORT_OURS.items() if wanted(n, args)]:
         models[name] = work / ("ort-" + name.replace(" ", "").replace(",", "-"))
         ovb.export_ours(checkpoint, models[name], "int4", options, target="onnxruntime")
-    for name, block in ORT_PEERS.items():
+    for name, extra in ORT_PEERS.items():
         models[name] = work / ("ort-" + name.replace(" ", ""))
         if not (models[name] / "model.onnx").is_file():
-            ortb.build_peer(checkpoint, models[name], "int4", block)
+            ortb.build_peer(checkpoint, models[name], "int4", None, extra)
+    for name, block in ORT_HQQ.items():
+        models[name] = work / ("ort-" + name.replace(" ", ""))
+        build_hqq(checkpoint, models[name], block, work)
+    models = {name: folder for name, folder in models.items() if wanted(name, args)}
     rows = corpus_rows(ortb.HF_CONFIG["vocab_size"])
-    reference = reference_logits(models["b32 sym"], rows)
+    ours = next(folder for name, folder in models.items() if name in ORT_OURS)
+    reference = reference_logits(ours, rows)
     result = {name: {"runtime": "onnxruntime", "row": name, "size_mb": size_mb(folder), "graph": matmul_nbits(folder),
                      **quality(reference, logits_of(ort_runner(folder, args.threads, capacity), rows), rows)}
               for name, folder in models.items()}
@@ -188,7 +223,7 @@ def onnxruntime_rows(checkpoint: Path, work: Path, args: argparse.Namespace) -> 
 
 
 def openvino_rows(checkpoint: Path, work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    ours = {name: work / ("ov-" + name.replace(" ", "").replace(",", "-")) for name in OV_OURS}
+    ours = {name: work / ("ov-" + name.replace(" ", "").replace(",", "-")) for name in OV_OURS if wanted(name, args)}
     for name, folder in ours.items():
         ovb.export_ours(checkpoint, folder, "int4", (*OV_OURS[name], f"threads={args.threads}"))
     peers = {name: work / ("ov-" + name.replace(" ", "")) for name in OV_PEERS}
@@ -202,7 +237,7 @@ def openvino_rows(checkpoint: Path, work: Path, args: argparse.Namespace) -> lis
     runners.update({name: ovb.open_peer(folder / "openvino_model.xml", {}, args.threads)[0] for name, folder in peers.items()})
     folders = {**ours, **peers}
     rows = corpus_rows(ortb.HF_CONFIG["vocab_size"])
-    reference = reference_logits(ours["g128 sym"], rows)
+    reference = reference_logits(next(iter(ours.values())), rows)
     result = {name: {"runtime": "openvino", "row": name, "size_mb": size_mb(folders[name]),
                      **quality(reference, logits_of(runner, rows), rows)} for name, runner in runners.items()}
     rng = np.random.default_rng(0)
@@ -254,6 +289,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6, help="OpenVINO: interleaved rounds")
     ap.add_argument("--work", type=Path, default=None, help="folder for the checkpoint and models (kept)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--rows", nargs="+", default=None, help="only these rows (and each peer's default)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="int4-table-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -75,11 +75,14 @@ def build_ours(checkpoint: Path, out: Path, precision: str, block_size: int | No
     build(BuildRequest(target="onnxruntime", checkpoint=checkpoint, precision=precision, out=out, options=options))
 
 
-def build_peer(checkpoint: Path, out: Path, precision: str, block_size: int | None) -> None:
+def build_peer(checkpoint: Path, out: Path, precision: str, block_size: int | None,
+               extra: tuple[str, ...] = ()) -> None:
+    """The builder's model; `extra`: more of its --extra_options (key=value)."""
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out),
            "-p", precision, "-e", "cpu", "-c", str(out / "cache")]
-    if block_size is not None:
-        cmd += ["--extra_options", f"block_size={block_size}"]
+    options = ([f"block_size={block_size}"] if block_size is not None else []) + list(extra)
+    if options:
+        cmd += ["--extra_options", *options]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
