@@ -331,3 +331,12 @@ def test_genai_llm_pipeline_runs_the_folder(workdir: Path) -> None:
     assert list(result.tokens[0]) == ours
     text = pipe.generate("w1 w2 w3", genai.GenerationConfig(max_new_tokens=4, do_sample=False))
     assert isinstance(text, str) and text.strip()
+
+
+def test_default_int4_group_is_64_where_it_divides_every_width() -> None:
+    from exporter.config import preset
+    from targets.openvino.options import OpenVinoOptions, group_size
+
+    assert group_size(preset("mistral-7b-v0.1"), OpenVinoOptions()) == 64  # benchmarks/int4_table.py's choice
+    assert group_size(preset("tiny"), OpenVinoOptions()) == 32  # intermediate 160: 64 does not divide it
+    assert group_size(preset("mistral-7b-v0.1"), OpenVinoOptions(group_size=128)) == 128  # still allowed
