@@ -124,12 +124,12 @@ def perturbed_scale(folder: Path, weight: str = "model.layers.1.mlp.down_proj") 
 def low_precision_rotary() -> Iterator[None]:
     """Builds inside the block leave the rotary angles to the device's compute precision."""
     from targets.coreml import fp16_pass
-    from targets.openvino import precise
+    from targets.openvino import marks
 
-    real = fp16_pass.rotary_ops, precise.mark_precise
+    real = fp16_pass.rotary_ops, marks.rotary_nodes
     fp16_pass.rotary_ops = lambda prog: set()  # type: ignore[assignment]
-    precise.mark_precise = lambda xml, names: None  # type: ignore[assignment]
+    marks.rotary_nodes = lambda model: set()  # type: ignore[assignment]
     try:
         yield
     finally:
-        fp16_pass.rotary_ops, precise.mark_precise = real
+        fp16_pass.rotary_ops, marks.rotary_nodes = real

@@ -8,11 +8,11 @@ this process's openvino, with the same threads and PERFORMANCE_HINT=LATENCY.
 Rows (like with like):
   f32        ours fp32 vs peer fp32 IR, both INFERENCE_PRECISION_HINT=f32 and KV_CACHE_PRECISION=f32
   bf16       ours bf16 vs peer fp32 IR at the CPU's default hints (nothing set)
-  int4       ours int4 as built by default (sym g128, every layer int4) vs peer int4 as exported by
+  int4       ours int4 sym g128, every layer int4 (group_size=128: the peer's group) vs peer int4 as exported by
              default (--sym --group-size 128 --ratio 1.0: embedding and lm_head stay int8); default hints
   int4-same  ours with all_layers=false: the peer's exact nncf configuration
   int4-all   ours default vs peer with --all-layers: both every layer int4
-Prefill: one chunk of T=128 from an empty cache. Decode: single tokens after a 128-token prompt.
+Prefill: one chunk of T=128 and of T=512 from an empty cache. Decode: single tokens after a 128-token prompt.
 Our side runs through its Runner (what users get); the peer through a bare infer request (its best case).
 Effective bandwidth = bytes of the weights feeding MatMuls at the run's precision / ms per token.
 
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 PROMPT = 128
+PREFILLS = (128, 512)
 CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
               num_attention_heads=16, num_key_value_heads=4, sliding_window=4096, max_position_embeddings=32768,
               rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
@@ -174,11 +175,14 @@ def bench_row(name: str, ours_dir: Path, peer_xml: Path, peer_hints: dict[str, s
               rounds: int, steps: int) -> dict[str, Any]:
     ours, our_hints = open_ours(ours_dir, threads)
     peer, compiled = open_peer(peer_xml, our_hints if peer_hints is None else peer_hints, threads)
-    ids = np.random.default_rng(0).integers(3, 32000, (1, PROMPT)).astype(np.int64)
-    result: dict[str, list[float]] = {k: [] for k in ("ours_prefill", "peer_prefill", "ours_decode", "peer_decode")}
+    prompts = {n: np.random.default_rng(0).integers(3, 32000, (1, n)).astype(np.int64) for n in PREFILLS}
+    ids = prompts[PROMPT]
+    result: dict[str, list[float]] = {f"{side}_{k}": [] for side in ("ours", "peer")
+                                      for k in [*(f"prefill{n}" for n in PREFILLS), "decode"]}
     for _ in range(rounds):  # interleaved, so a busy neighbour slows both sides alike
-        result["ours_prefill"].append(time_prefill(ours, ids, 3))
-        result["peer_prefill"].append(time_prefill(peer, ids, 3))
+        for n, prompt in prompts.items():
+            result[f"ours_prefill{n}"].append(time_prefill(ours, prompt, 3))
+            result[f"peer_prefill{n}"].append(time_prefill(peer, prompt, 3))
         result["ours_decode"] += time_decode(ours, ids, steps)
         result["peer_decode"] += time_decode(peer, ids, steps)
     med = {k: statistics.median(v) for k, v in result.items()}
@@ -191,7 +195,7 @@ def bench_row(name: str, ours_dir: Path, peer_xml: Path, peer_hints: dict[str, s
     peer_bytes = matmul_weight_bytes(peer_xml, float_bytes(peer_precision))
     return {"row": name, "ours_hints": f"{ours_precision}/{ours.describe_device()['kv_cache_precision']}",
             "peer_hints": peer_precision, **{k: round(v, 3) for k, v in med.items()},
-            "prefill_ratio": round(med["ours_prefill"] / med["peer_prefill"], 3),
+            **{f"prefill{n}_ratio": round(med[f"ours_prefill{n}"] / med[f"peer_prefill{n}"], 3) for n in PREFILLS},
             "decode_ratio": round(med["ours_decode"] / med["peer_decode"], 3),
             "ours_decode_p10": round(p10["ours_decode"], 3), "peer_decode_p10": round(p10["peer_decode"], 3),
             "decode_ratio_p10": round(p10["ours_decode"] / p10["peer_decode"], 3),
@@ -201,10 +205,13 @@ def bench_row(name: str, ours_dir: Path, peer_xml: Path, peer_hints: dict[str, s
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| row | hints ours / peer | prefill T=128 ms ours / peer (ratio) | decode@128 ms median ours / peer "
-            "(ratio) | decode p10 ratio | weight MB/token ours / peer | GB/s ours / peer |\n|---|---|---|---|---|---|---|")
-    lines = [f"| {r['row']} | {r['ours_hints']} / {r['peer_hints']} | {r['ours_prefill']:.1f} / {r['peer_prefill']:.1f} "
-             f"({r['prefill_ratio']:.2f}x) | {r['ours_decode']:.2f} / {r['peer_decode']:.2f} ({r['decode_ratio']:.2f}x) "
+    head = ("| row | hints ours / peer | prefill T=128 ms ours / peer (ratio) | prefill T=512 ms ours / peer (ratio) "
+            "| decode@128 ms median ours / peer (ratio) | decode p10 ratio | weight MB/token ours / peer "
+            "| GB/s ours / peer |\n|---|---|---|---|---|---|---|---|")
+    lines = [f"| {r['row']} | {r['ours_hints']} / {r['peer_hints']} "
+             + "".join(f"| {r[f'ours_prefill{n}']:.1f} / {r[f'peer_prefill{n}']:.1f} ({r[f'prefill{n}_ratio']:.2f}x) "
+                       for n in PREFILLS)
+             + f"| {r['ours_decode']:.2f} / {r['peer_decode']:.2f} ({r['decode_ratio']:.2f}x) "
              f"| {r['decode_ratio_p10']:.2f}x | {r['ours_weight_mb']:.0f} / {r['peer_weight_mb']:.0f} "
              f"| {r['ours_gb_s']:.1f} / {r['peer_gb_s']:.1f} |" for r in rows]
     return "\n".join([head, *lines])

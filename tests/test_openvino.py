@@ -340,3 +340,17 @@ def test_default_int4_group_is_64_where_it_divides_every_width() -> None:
     assert group_size(preset("mistral-7b-v0.1"), OpenVinoOptions()) == 64  # benchmarks/int4_table.py's choice
     assert group_size(preset("tiny"), OpenVinoOptions()) == 32  # intermediate 160: 64 does not divide it
     assert group_size(preset("mistral-7b-v0.1"), OpenVinoOptions(group_size=128)) == 128  # still allowed
+
+
+def test_typed_ir_writes_f32_logits_from_the_lm_head(workdir: Path) -> None:
+    """bf16 IR: no Convert of the [B, T, vocab] logits; the lm_head weight stays bf16 behind a Convert
+    marked as decompression (so the plugin keeps it narrow)."""
+    from targets.openvino.marks import DECOMPRESSION, is_marked
+
+    artifact = _build(workdir, "bf16", precision="bf16", validate=False)
+    model = ov.Core().read_model(artifact / "openvino_model.xml")
+    producer = next(r for r in model.get_results() if "logits" in r.input_value(0).get_names()).input_value(0).get_node()
+    assert producer.get_type_name() == "MatMul" and producer.get_output_element_type(0) == ov.Type.f32
+    weight = producer.input_value(1).get_node()
+    assert weight.get_type_name() == "Convert" and is_marked(weight, DECOMPRESSION)
+    assert weight.input_value(0).get_node().get_output_element_type(0) == ov.Type.bf16

@@ -87,13 +87,13 @@ def test_openvino_f16_rotary_angles_fail_validation(tmp_path: Path, calibration_
 
 def test_openvino_ir_marks_the_rotary_path_precise(tmp_path: Path, calibration_tiny: Path) -> None:
     ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'mistral-export[openvino]')")
-    from targets.openvino.precise import is_precise, rotary_nodes
+    from targets.openvino.marks import PRECISE, is_marked, rotary_nodes
 
     out = tmp_path / "ov"
     build(BuildRequest(target="openvino", precision="fp16", out=out, checkpoint=calibration_tiny), validator=None)
     model = ov.Core().read_model(out / "openvino_model.xml")
     names = rotary_nodes(model)
-    marked = {op.get_friendly_name() for op in model.get_ordered_ops() if is_precise(op)}
+    marked = {op.get_friendly_name() for op in model.get_ordered_ops() if is_marked(op, PRECISE)}
     assert {"Cos", "Sin", "Multiply", "Concat"} <= {op.get_type_name() for op in model.get_ordered_ops()
                                                    if op.get_friendly_name() in names}
     assert marked == names

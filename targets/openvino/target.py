@@ -3,7 +3,8 @@
 Steps of ``lower``, in order: check options and device; convert (weights as Parameters); name the
 ports; stateful transformation (default); bind weights one tensor at a time, int8/int4 compressed by
 NNCF as they stream in; ``save_model`` without the silent fp16 compression; the rotary tables marked
-`precise` (f32 at any inference precision); tokenizer IRs where convertible.
+`precise` (f32 at any inference precision) and, in fp16/bf16 IRs, the lm_head writing f32 logits itself;
+tokenizer IRs where convertible.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from exporter.contract import CacheContract, TensorSpec, cache_contract, canonical_io
 from exporter.manifest import listed_file
 from targets.base import LowerInput, Lowered, check_supported
-from targets.openvino import compress, convert, lora, precise, runner, stateful, tokenizer, weights
+from targets.openvino import compress, convert, logits, lora, marks, runner, stateful, tokenizer, weights
 from targets.openvino.options import (DEVICES, PRECISIONS, SUPPORT_TABLE, OpenVinoOptions, check_options,
                                       runtime_hints)
 from targets.resources import ExportMemory
@@ -71,6 +72,7 @@ class OpenVinoTarget:
         model = convert.convert(inp.program(), layout).model
         linears = lora.name_linears(model)  # OpenVINO GenAI finds a PEFT tensor's layer by this name
         stateful.name_ports(model, cfg, layout)
+        widened = logits.f32_logits(model)  # typed fp16/bf16 IRs: the lm_head writes f32 itself
         if not options.stateless:
             stateful.add_beam_idx(model, cfg)
             stateful.make_stateful(model, cfg)
@@ -85,10 +87,12 @@ class OpenVinoTarget:
             raise AssertionError(f"expected one {KERNEL} per layer, the IR has {ops.get(KERNEL, 0)}")
         import openvino as ov
 
-        rotary = precise.rotary_nodes(model)
+        attributes = {name: marks.PRECISE for name in marks.rotary_nodes(model)}
+        if widened is not None:
+            attributes[widened] = marks.DECOMPRESSION
         ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=False)
         del model
-        precise.mark_precise(out_dir / MODEL_XML, rotary)
+        marks.mark(out_dir / MODEL_XML, attributes)
         adapters = lora.write_adapters(out_dir, inp.adapters) if inp.adapters else None
         tok = tokenizer.write_tokenizer(inp.tokenizer_dir, out_dir)
         tokenizer.write_genai_config(cfg, out_dir)
