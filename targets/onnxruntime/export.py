@@ -24,6 +24,7 @@ from torch.export import ExportedProgram
 
 from exporter.attention import CACHED_ATTENTION_OP, decompose
 from exporter.config import MistralConfig
+from targets.onnxruntime.translate import gqa_translation
 
 STACK_TRACE = "pkg.torch.onnx.stack_trace"
 
@@ -53,10 +54,6 @@ def to_onnx(program: ExportedProgram, cfg: MistralConfig, capacity: int, attenti
     fuse_norms folds RMSNorm into ONNX Runtime's (Skip)SimplifiedLayerNormalization, which other
     consumers of the ONNX (TensorRT's parser) do not take. Call it inside quiet(): the libraries log
     every step."""
-    # Imported here: the translation reads ORT's operator registry (importing onnxruntime, about a
-    # second), which a build whose graph comes from the graph cache never needs.
-    from targets.onnxruntime.translate import gqa_translation
-
     weights = list(program.state_dict)
     table = {}
     if attention == "gqa":

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from onnxruntime.quantization.matmul_nbits_quantizer import (
+    DefaultWeightOnlyQuantConfig,
+    DefaultWeightOnlyQuantizer,
+)
 
 BITS = {"int4": 4, "int8": 8}
 
@@ -39,10 +43,6 @@ class BlockQuantizer:
     one after another, so each weight is loaded and quantized once)."""
 
     def __init__(self, spec: QuantSpec) -> None:
-        # Imported here: onnxruntime takes about a second to import, which a float build never needs.
-        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                     DefaultWeightOnlyQuantizer)
-
         config = DefaultWeightOnlyQuantConfig(block_size=spec.block_size, is_symmetric=spec.symmetric,
                                               accuracy_level=spec.accuracy_level or None, bits=spec.bits)
         self._quantizer = DefaultWeightOnlyQuantizer(config)

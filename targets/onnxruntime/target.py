@@ -13,7 +13,6 @@ stage: the canonical fp32 program is the reference.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,11 +58,12 @@ class OnnxRuntimeTarget:
     device_resources = {"cuda": "GPU"}
 
     def check_available(self) -> str | None:
-        # Found, not imported: a build whose graph is cached and whose weights stay float never loads
-        # onnxruntime (about a second); the runner imports it when the artifact runs.
-        for name in ("onnx_ir", "onnxruntime", "onnxscript"):
-            if importlib.util.find_spec(name) is None:
-                return f"{name} is not installed (pip install 'mistral-export[onnxruntime]')"
+        try:
+            import onnx_ir  # noqa: F401
+            import onnxruntime  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError as exc:
+            return f"{exc.name} is not installed (pip install 'mistral-export[onnxruntime]')"
         return None
 
     def kernels(self) -> dict[str, str]:
