@@ -7,6 +7,7 @@ a build matrix's jobs do; "first" empties the graph cache before it. The three b
 by round, so load from other processes hits them alike; figures are medians over the rounds.
 
     flock /tmp/heavy.lock python -m benchmarks.export_speed --precisions fp16 int4 --rounds 3
+    python -m benchmarks.export_speed --checkpoint /data/m1b   # make_checkpoint.py --layers 4: 1.1B, 7B dims
 """
 
 from __future__ import annotations
@@ -40,11 +41,16 @@ def main() -> int:
     ap.add_argument("--precisions", nargs="+", default=["fp16", "int4"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="a Hugging Face folder to build instead of the ~155M random checkpoint")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="export-speed-") as tmp:
         root = Path(tmp)
         checkpoint, cache, work = root / "ckpt", root / "cache", root / "work"
-        make_checkpoint(checkpoint, window=4096, seed=0)
+        if args.checkpoint is not None:
+            checkpoint = args.checkpoint
+        else:
+            make_checkpoint(checkpoint, window=4096, seed=0)
         os.environ["MISTRAL_EXPORT_CACHE"] = str(cache)
         work.mkdir()
         seed = ours(checkpoint, "onnxruntime", "fp32", work)  # puts the trace in the cache
