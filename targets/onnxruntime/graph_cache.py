@@ -1,100 +1,69 @@
-"""The lowered-graph cache: the weight-free ONNX graph after the passes, by the spec it was lowered from.
+"""The ONNX Runtime lowered-graph cache: the weight-free ONNX graph after the passes (targets/lowered_cache.py).
 
-Translating the program (torch.onnx.export re-traces it through decompositions) and running the
-graph passes take most of a build, and none of it depends on the weights. So the graph as it stands
-before the weights are bound is kept: ``<key>.onnx`` (its ModelProto: weights are graph inputs, only
-the small constants such as RoPE tables are inside) and ``<key>.meta.json`` (its sha256, the spec (the
-program's content hash, config, capacity, pass settings and versions), the
-canonical names behind each weight input, and what the manifest records about the passes).
-
-The integrity rules are the trace cache's (exporter.trace_cache): a private folder, files owned by
-this user and writable by nobody else, the hash and the spec must match, and the loaded graph's weight
-inputs must be exactly the program's parameters with their shapes. Anything else is a miss with one
-warning; a failed write is one warning and never fails a build. ONNX is protobuf: reading it runs no code.
+An entry is ``onnx-graphs/<key>.onnx`` (its ModelProto: weights are graph inputs, only the small
+constants such as RoPE tables are inside) and ``<key>.meta.json`` (the spec, the canonical names behind
+each weight input, and what the manifest records about the passes). Beyond the shared checks, the loaded
+graph's weight inputs must be exactly the program's parameters with their shapes. ONNX is protobuf:
+reading it runs no code.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import logging
+
 import onnx
 import onnx_ir as ir
 import onnxscript
-import torch
 
-from exporter import __version__
-from exporter.trace_cache import UnsafeCache, read_entry, runtime_cache, write_entry
+from exporter.trace_cache import UnsafeCache
+from targets.lowered_cache import LoweredCache, lowered_spec
 from targets.onnxruntime.export import WEIGHT_META, weight_inputs
 
 FORMAT = "mistral-export/onnx-graph-cache"
 MAX_GRAPH_BYTES = 512 << 20  # RoPE tables of 2^17 positions are 64 MB; bounds a hostile read
-MAX_SIDECAR_BYTES = 4 << 20
 log = logging.getLogger("mistral_export")
-
-
-def _source_hash() -> str:
-    """The graph is a function of the translation and the passes: a change to any of them must miss."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.rglob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def graph_spec(program_digest: str, settings: dict[str, Any]) -> dict[str, Any]:
     """Everything the lowered graph depends on: the program, the settings of the passes, the versions."""
-    return {"program": program_digest, "settings": settings, "tool": __version__, "torch": torch.__version__,
-            "onnxscript": onnxscript.__version__, "onnx_ir": ir.__version__, "onnx": onnx.__version__,
-            "passes": _source_hash()}
+    return lowered_spec(program_digest, settings, Path(__file__).parent,
+                        {"onnxscript": onnxscript.__version__, "onnx_ir": ir.__version__, "onnx": onnx.__version__})
 
 
 @dataclass(frozen=True)
 class GraphCache:
     """The onnx-graphs folder of the cache root."""
 
-    folder: Path
+    cache: LoweredCache
 
     @staticmethod
     def open() -> GraphCache | None:
         """The cache, or None when caching is off or its folder is not safe (runtime_cache warns)."""
-        folder = runtime_cache("onnx-graphs")
-        return None if folder is None else GraphCache(folder)
-
-    @staticmethod
-    def key(spec: dict[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
-
-    def _paths(self, key: str) -> tuple[Path, Path]:
-        return self.folder / f"{key}.onnx", self.folder / f"{key}.meta.json"
+        cache = LoweredCache.open("onnx-graphs", FORMAT, "onnx", MAX_GRAPH_BYTES)
+        return None if cache is None else GraphCache(cache)
 
     def load(self, spec: dict[str, Any], parameters: dict[str, tuple[int, ...]]) -> tuple[ir.Model, dict] | None:
         """The cached graph (weight inputs tagged as to_onnx tags them) and its manifest fields, or None."""
-        graph_path, sidecar = self._paths(self.key(spec))
-        if not graph_path.exists() and not sidecar.exists():
-            return None
-        try:
-            meta, data = read_entry(graph_path, sidecar, FORMAT, spec, MAX_GRAPH_BYTES, MAX_SIDECAR_BYTES)
+        def decode(meta: dict[str, Any], data: bytes) -> tuple[ir.Model, dict]:
             model = ir.from_proto(onnx.ModelProto.FromString(data))
             _tag_weights(model, meta.get("weights"), parameters)
             return model, meta["extra"]
-        except Exception as exc:  # noqa: BLE001 - an entry that cannot be read (a DecodeError too) is a miss
-            log.warning("graph cache entry %s %s; lowering afresh", graph_path.name, exc)
-            return None
+
+        return self.cache.load(spec, decode)
 
     def store(self, spec: dict[str, Any], model: ir.Model, extra: dict[str, Any]) -> None:
         """Write the entry (graph, then sidecar): call before the weights are bound."""
-        graph_path, sidecar = self._paths(self.key(spec))
+        weights = {v.name: list(v.meta[WEIGHT_META]) for v in weight_inputs(model)}
         try:
-            weights = {v.name: list(v.meta[WEIGHT_META]) for v in weight_inputs(model)}
-            write_entry(graph_path, sidecar, ir.to_proto(model).SerializeToString(),
-                        {"format": FORMAT, "spec": spec, "weights": weights, "extra": extra})
-        except (OSError, ValueError) as exc:
-            log.warning("could not write the graph cache in %s (%s); continuing without it", self.folder,
-                        getattr(exc, "strerror", None) or exc)
+            data = ir.to_proto(model).SerializeToString()
+        except ValueError as exc:  # protobuf's 2 GB limit: build on without the cache
+            log.warning("could not serialize the lowered graph for the cache (%s); continuing without it", exc)
+            return
+        self.cache.write(spec, data, {"weights": weights, "extra": extra})
 
 
 def _tag_weights(model: ir.Model, weights: Any, parameters: dict[str, tuple[int, ...]]) -> None:
