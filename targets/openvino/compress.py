@@ -135,16 +135,20 @@ def compressed(tensor: torch.Tensor | Rows, config: Any, name: str, dtype: objec
 
     blocks = _quantize(tensor, config)
     storage = DTYPE_MAP[config.compression_dtype]
-    node = opset.convert(_join([b[0] for b in blocks], storage, name), ov.Type.f16)
+    # Every node named after its weight: an unnamed node gets OpenVINO's per-process counter, and the
+    # artifact's bytes would depend on what the process built before (a graph-cache hit builds less).
+    node = opset.convert(_join([b[0] for b in blocks], storage, name), ov.Type.f16, name=f"{name}/convert")
     if blocks[0][2] is not None:
         zero_point = _join([b[2] for b in blocks], storage, f"{name}/zero_point")
-        node = opset.subtract(node, opset.convert(zero_point, ov.Type.f16), name=f"{name}/zero_point/subtract")
+        node = opset.subtract(node, opset.convert(zero_point, ov.Type.f16, name=f"{name}/zero_point/convert"),
+                              name=f"{name}/zero_point/subtract")
     scale = _join([b[1] for b in blocks], ov.Type.f16, f"{name}/scale")
     del blocks
     release()  # the compiled lowering functions hold block-sized buffers; shapes differ per weight anyway
     node = opset.multiply(node, scale, name=f"{name}/fq_weights")
     if config.group_size != -1:
-        node = opset.reshape(node, output_shape=list(tensor.shape), special_zero=False)
+        shape = opset.constant(np.array(tensor.shape, dtype=np.int64), name=f"{name}/shape")
+        node = opset.reshape(node, shape, special_zero=False, name=f"{name}/reshape")
     return opset.convert(node, dtype, name=f"{name}/fq_weights/convert").output(0)
 
 

@@ -14,8 +14,9 @@ from typing import Any
 
 from exporter.contract import CacheContract, TensorSpec, cache_contract, canonical_io
 from exporter.manifest import listed_file
+from exporter.model import parameter_shapes
 from targets.base import LowerInput, Lowered, check_supported
-from targets.openvino import compress, convert, logits, lora, marks, runner, stateful, tokenizer, weights
+from targets.openvino import compress, convert, graph_cache, logits, lora, marks, runner, stateful, tokenizer, weights
 from targets.openvino.options import (DEVICES, PRECISIONS, SUPPORT_TABLE, OpenVinoOptions, check_options,
                                       runtime_hints)
 from targets.resources import ExportMemory
@@ -33,6 +34,39 @@ def stateful_io(cfg: Any) -> list[TensorSpec]:
                        "slot mask over [cached slots; chunk]: 1 = real token, 0 = padding"),
             TensorSpec("beam_idx", "int32", ("batch",), "cache row order (arange keeps rows)"),
             TensorSpec("logits", "float32", ("batch", "chunk", cfg.vocab_size), "logits")]
+
+
+def _shape(inp: LowerInput, layout: str) -> tuple[Any, dict[str, Any]]:
+    """The converted model before its weights are bound, and what the manifest records about it."""
+    inp.progress("converting to OpenVINO", 0.0)
+    model = convert.convert(inp.program(), layout).model
+    model.set_friendly_name("mistral-export")  # not OpenVINO's per-process counter: the same bytes each build
+    linears = lora.name_linears(model)  # OpenVINO GenAI finds a PEFT tensor's layer by this name
+    stateful.name_ports(model, inp.config, layout)
+    widened = logits.f32_logits(model)  # typed fp16/bf16 IRs: the lm_head writes f32 itself
+    if layout == "concat":
+        stateful.add_beam_idx(model, inp.config)
+        stateful.make_stateful(model, inp.config)
+    stateful.name_unnamed(model)
+    return model, {"named_linears": linears, "widened": widened}
+
+
+def weight_free(inp: LowerInput, layout: str) -> tuple[Any, dict[str, Any]]:
+    """_shape through the lowered-graph cache (graph_cache.py); adapters' builds are not cached."""
+    cache = None if inp.adapters else graph_cache.GraphCache.open()
+    if cache is None:
+        model, shaped = _shape(inp, layout)
+        return model, {**shaped, "graph_cache": "off"}
+    # A hit never deserializes the program: its digest comes from the trace cache's bytes.
+    spec = graph_cache.graph_spec(inp.trace.digest, {"config": inp.config.to_dict(), "capacity": inp.capacity,
+                                                     "layout": layout})
+    hit = cache.load(spec, parameter_shapes(inp.config))
+    if hit is not None:
+        inp.progress("openvino: converted model from the cache", 0.0)
+        return hit[0], {**hit[1], "graph_cache": "hit"}
+    model, shaped = _shape(inp, layout)
+    cache.store(spec, model, shaped)
+    return model, {**shaped, "graph_cache": "miss"}
 
 
 class OpenVinoTarget:
@@ -68,14 +102,8 @@ class OpenVinoTarget:
         check_options(cfg, inp.precision, options)
         runner.resolve_device(runner.core_with_cache(), inp.device)
         layout = "ring" if options.stateless else "concat"
-        inp.progress("converting to OpenVINO", 0.0)
-        model = convert.convert(inp.program(), layout).model
-        linears = lora.name_linears(model)  # OpenVINO GenAI finds a PEFT tensor's layer by this name
-        stateful.name_ports(model, cfg, layout)
-        widened = logits.f32_logits(model)  # typed fp16/bf16 IRs: the lm_head writes f32 itself
-        if not options.stateless:
-            stateful.add_beam_idx(model, cfg)
-            stateful.make_stateful(model, cfg)
+        model, shaped = weight_free(inp, layout)
+        linears, widened = shaped["named_linears"], shaped["widened"]
         configs = compress.tensor_configs(cfg, inp.precision, options)
         weights.bind(model, inp.weight, inp.progress, configs, inp.weight_rows)
         compression = compress.record(cfg, inp.precision, options)
@@ -90,6 +118,7 @@ class OpenVinoTarget:
         attributes = {name: marks.PRECISE for name in marks.rotary_nodes(model)}
         if widened is not None:
             attributes[widened] = marks.DECOMPRESSION
+        stateful.name_unnamed(model)  # what binding and NNCF added
         ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=False)
         del model
         marks.mark(out_dir / MODEL_XML, attributes)
@@ -108,6 +137,7 @@ class OpenVinoTarget:
             "model_file": MODEL_XML, "layout": layout, "runtime_hints": hints, "compression": compression,
             "ops": {k: ops.get(k, 0) for k in (KERNEL, "ReadValue", "Assign", "ScatterElementsUpdate")},
             "tokenizer_ir": tok, "kernels": {inp.device: KERNEL}, "named_linears": linears,
+            "graph_cache": shaped["graph_cache"],
             **({"adapters": adapters} if adapters else {})})
 
     def readback(self, artifact: Path, manifest: dict[str, Any], source: Any) -> Any:
