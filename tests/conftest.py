@@ -63,6 +63,17 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("MISTRAL_EXPORT_CACHE", str(tmp_path_factory.getbasetemp() / "trace-cache"))
 
 
+@pytest.fixture
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache root of this test's own, with the CLI's logging (cache warnings are printed lines)."""
+    from mistral_export.cli import configure_logging
+
+    configure_logging()
+    root = tmp_path / "cache"
+    monkeypatch.setenv("MISTRAL_EXPORT_CACHE", str(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def calibration_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The model the gates were calibrated on (benchmarks/gate_calibration.py CALIBRATION_TINY): the tiny

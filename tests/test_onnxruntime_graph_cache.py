@@ -26,12 +26,7 @@ TINY = preset("tiny")
 FILES = ("model.onnx", "model.onnx.data", "genai_config.json")
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    configure_logging()
-    root = tmp_path / "cache"
-    monkeypatch.setenv("MISTRAL_EXPORT_CACHE", str(root))
-    return root
+pytestmark = pytest.mark.usefixtures("_cache")  # each test its own cache root (conftest)
 
 
 def build(out: Path, *extra: str) -> Any:

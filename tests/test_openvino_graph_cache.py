@@ -11,19 +11,13 @@ from typing import Any
 
 import pytest
 
-from mistral_export.cli import configure_logging
 from tests.conftest import cli_run as run
 
 ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'mistral-export[openvino]')")
 FILES = ("openvino_model.xml", "openvino_model.bin")
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    configure_logging()
-    root = tmp_path / "cache"
-    monkeypatch.setenv("MISTRAL_EXPORT_CACHE", str(root))
-    return root
+pytestmark = pytest.mark.usefixtures("_cache")  # each test its own cache root (conftest)
 
 
 def build(out: Path, *extra: str) -> list[str]:
