@@ -221,3 +221,29 @@ def test_weight_free_conversion_keeps_placeholders_zero_stride() -> None:
     for name in program.state_dict:
         value = consts[mil_name(name, True)]
         assert value.dtype == np.float16 and value.size > 1 and not any(value.strides), name
+
+
+def test_fp16_products_accumulate_in_fp32() -> None:
+    # 14336 positive terms of about 0.25: summed in fp16 the running total stalls far below 3584 (its
+    # ulp there is 2); accumulated in fp32 and rounded once, it is within one fp16 ulp of float64.
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    from targets.coreml import mil_eval
+
+    rng = np.random.default_rng(0)
+    weight = rng.random((8, 14336)).astype(np.float16)
+    x = rng.random((1, 14336)).astype(np.float16)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 14336), dtype=types.fp16)], opset_version=ct.target.iOS18)
+    def program(x):  # noqa: ANN001, ANN202 - the MIL builder's signature
+        return mb.linear(x=x, weight=weight), mb.matmul(x=x, y=weight, transpose_y=True)
+
+    exact = x.astype(np.float64) @ weight.astype(np.float64).T
+    ulp = np.spacing(np.float16(exact.max()))
+    serial = np.cumsum(x * weight, axis=-1, dtype=np.float16)[:, -1]  # the defect this guards: fp16 sums
+    assert np.abs(serial - exact).max() > 100 * ulp
+    for value in mil_eval.run_function(program.functions["main"], {"x": x}, {}).values():
+        assert value.dtype == np.float16
+        assert np.abs(value - exact).max() <= ulp
