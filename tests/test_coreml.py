@@ -247,3 +247,16 @@ def test_fp16_products_accumulate_in_fp32() -> None:
     for value in mil_eval.run_function(program.functions["main"], {"x": x}, {}).values():
         assert value.dtype == np.float16
         assert np.abs(value - exact).max() <= ulp
+
+
+def test_mil_execution_leaves_the_package_untouched(fp16_artifact: Path) -> None:
+    # Validation reads the artifact; coremltools' load_spec would rewrite each package's Manifest.json.
+    from targets.coreml.runner import load_mil_program
+
+    def stamps() -> dict[str, int]:
+        return {str(p): p.stat().st_mtime_ns for p in fp16_artifact.rglob("*")}
+
+    before = stamps()
+    program = load_mil_program(fp16_artifact / "model.mlpackage")
+    assert any(name.startswith("prefill_") for name in program.functions)
+    assert stamps() == before

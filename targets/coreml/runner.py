@@ -124,15 +124,19 @@ class DeviceRunner(_RowRunner):
 
 
 def load_mil_program(package: Path) -> Any:
-    """The pymil Program of a saved mlpackage (all its functions)."""
+    """The pymil Program of a saved mlpackage (all its functions), read from the package's fixed layout:
+    coremltools' load_spec opens it through libmodelpackage, which rewrites the package's Manifest.json
+    (validation must not touch the artifact) and follows whatever paths that file names."""
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+    from coremltools.proto import Model_pb2
 
     from targets.coreml.lower import quiet_coremltools
     from targets.coreml.mil_eval import normalize_scalars
 
-    ct = quiet_coremltools()
-    spec = ct.utils.load_spec(str(package))
-    weights = package / "Data" / "com.apple.CoreML" / "weights"
-    program = milproto_load(spec, spec.specificationVersion, str(weights))
+    quiet_coremltools()
+    data = package / "Data" / "com.apple.CoreML"
+    spec = Model_pb2.Model()
+    spec.ParseFromString((data / "model.mlmodel").read_bytes())
+    program = milproto_load(spec, spec.specificationVersion, str(data / "weights"))
     normalize_scalars(program)
     return program
