@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
 
 class MilEvalError(RuntimeError):
@@ -46,11 +47,9 @@ def _rounded(op: Any, value: np.ndarray) -> np.ndarray:
     return value.astype(_np_dtype(op.outputs[0]), copy=False)
 
 
-def _operands(op: Any, env: dict[int, np.ndarray], *variables: Any) -> list[Any]:
+def _operands(op: Any, env: dict[int, np.ndarray], *variables: Any) -> list[torch.Tensor]:
     """torch views of the operands: fp16 where they and the result are fp16 (fp32 accumulation inside
     the GEMM), fp32 otherwise, so nothing is rounded to fp16 that the program keeps wider."""
-    import torch
-
     values = [np.asarray(_value(var, env)) for var in variables]
     half = _np_dtype(op.outputs[0]) == np.float16 and all(v.dtype == np.float16 for v in values)
     with warnings.catch_warnings():
@@ -59,8 +58,6 @@ def _operands(op: Any, env: dict[int, np.ndarray], *variables: Any) -> list[Any]
 
 
 def _linear(op: Any, env: dict[int, np.ndarray]) -> np.ndarray:
-    import torch
-
     x, weight, *bias = _operands(op, env, op.x, op.weight, *([op.bias] if op.bias is not None else []))
     return _rounded(op, torch.nn.functional.linear(x, weight, *bias).numpy())
 
@@ -76,8 +73,6 @@ def _matmul(op: Any, env: dict[int, np.ndarray]) -> np.ndarray:
 
 def _sdpa(op: Any, env: dict[int, np.ndarray]) -> np.ndarray:
     """iOS18 scaled_dot_product_attention by its spec: softmax(q k^T / sqrt(d) + mask) v, in fp32."""
-    import torch
-
     q, k, v = (torch.from_numpy(_f32(var, env)) for var in (op.query, op.key, op.value))
     scores = q @ k.transpose(-1, -2) / float(np.sqrt(q.shape[-1]))
     if op.attn_mask is not None:

@@ -9,11 +9,10 @@ reading it runs no code.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import logging
 
 import onnx
 import onnx_ir as ir

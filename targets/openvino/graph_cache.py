@@ -18,7 +18,7 @@ from typing import Any
 
 from exporter.trace_cache import UnsafeCache
 from targets.lowered_cache import LoweredCache, lowered_spec
-from targets.openvino.convert import WEIGHT_PREFIX
+from targets.openvino.weights import weight_parameters
 
 FORMAT = "mistral-export/openvino-graph-cache"
 MAX_IR_BYTES = 256 << 20  # the weight-free IR of a 7B-dims model is well under a megabyte
@@ -57,11 +57,7 @@ def _unpack(data: bytes) -> Any:
 def _check_weights(model: Any, parameters: dict[str, tuple[int, ...]]) -> None:
     """The model's weight Parameters are the program's parameters, each once (a tied lm_head may share
     the embedding's), of their ranks and, where the frontend kept them static, their shapes."""
-    found: dict[str, Any] = {}
-    for param in model.get_parameters():
-        name = param.output(0).get_any_name()
-        if name.startswith(WEIGHT_PREFIX):
-            found[name.removeprefix(WEIGHT_PREFIX)] = param.get_output_partial_shape(0)
+    found = {name: param.get_output_partial_shape(0) for name, param in weight_parameters(model).items()}
     missing = set(parameters) - set(found)
     tied = missing == {"lm_head.weight"} and parameters["lm_head.weight"] == parameters.get("model.embed_tokens.weight")
     if set(found) - set(parameters) or (missing and not tied):
