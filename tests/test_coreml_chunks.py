@@ -144,3 +144,10 @@ def test_a_manifest_pipeline_that_leaves_the_artifact_is_refused(builds: dict[st
         edit(hostile["target"]["pipeline"])
         with pytest.raises(ArtifactError, match=needle):
             pipeline.load(builds["parts"], hostile)
+    # A part whose program or weights the file list does not hold (read from the package's fixed layout).
+    for unlisted, needle in ((pipeline.PACKAGE_SPEC, "not among its files"),
+                             (pipeline.PACKAGE_WEIGHTS, "holds no listed file")):
+        hostile = copy.deepcopy(manifest)
+        hostile["files"] = [e for e in hostile["files"] if not e["path"].startswith(f"part_1.mlpackage/{unlisted}")]
+        with pytest.raises(ArtifactError, match=needle):
+            pipeline.load(builds["parts"], hostile)

@@ -20,11 +20,14 @@ import torch
 
 from exporter.config import MistralConfig
 from exporter.errors import ArtifactError, UserError
-from exporter.manifest import listed_dir
+from exporter.manifest import listed_dir, listed_file
 from exporter.model import parameter_shapes
 from targets.resources import BASELINE_BYTES
 
 SINGLE_FILE = "model.mlpackage"
+# Where a saved mlpackage keeps its program and weights; read there directly (runner.load_mil_program).
+PACKAGE_SPEC = "Data/com.apple.CoreML/model.mlmodel"
+PACKAGE_WEIGHTS = "Data/com.apple.CoreML/weights"
 DECODE = "decode"
 # A part's hidden-state output; Core ML refuses a function whose input and output share a name.
 HIDDEN_OUT = "hidden_out"
@@ -196,7 +199,7 @@ class Pipeline:
 
 def load(artifact: Path, manifest: dict[str, Any]) -> Pipeline:
     """The artifact's pipeline, checked: parts cover the layers in order, each a listed folder of the
-    artifact, each function a prefill length or decode, states named for the part's own layers."""
+    artifact whose program and weights are listed files, each function a prefill length or decode, states named for the part's own layers."""
     desc = manifest["target"].get("pipeline")
     layers = manifest["model"]["config"]["num_hidden_layers"]
     where = f"artifact {artifact}: manifest.target.pipeline"
@@ -218,7 +221,10 @@ def load(artifact: Path, manifest: dict[str, Any]) -> Pipeline:
             first, last = str(entry["inputs"][0]["name"]), str(entry["outputs"][0]["name"])
             if first != ("input_ids" if start == 0 else "hidden") or last != ("logits" if end == layers else HIDDEN_OUT):
                 raise ValueError(f"part {i} maps {first} to {last}")
-            parts.append(Part(listed_dir(artifact, manifest, entry["file"]), start, end, first, last, states))
+            package = listed_dir(artifact, manifest, entry["file"])
+            listed_file(artifact, manifest, f"{entry['file']}/{PACKAGE_SPEC}")
+            listed_dir(artifact, manifest, f"{entry['file']}/{PACKAGE_WEIGHTS}")
+            parts.append(Part(package, start, end, first, last, states))
             expect = end
         if expect != layers:
             raise ValueError(f"the parts end at layer {expect} of {layers}")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from targets.coreml.pipeline import Part, Pipeline, schedule
+from targets.coreml.pipeline import PACKAGE_SPEC, PACKAGE_WEIGHTS, Part, Pipeline, schedule
 
 
 class _RowRunner:
@@ -134,9 +134,8 @@ def load_mil_program(package: Path) -> Any:
     from targets.coreml.mil_eval import normalize_scalars
 
     quiet_coremltools()
-    data = package / "Data" / "com.apple.CoreML"
     spec = Model_pb2.Model()
-    spec.ParseFromString((data / "model.mlmodel").read_bytes())
-    program = milproto_load(spec, spec.specificationVersion, str(data / "weights"))
+    spec.ParseFromString((package / PACKAGE_SPEC).read_bytes())
+    program = milproto_load(spec, spec.specificationVersion, str(package / PACKAGE_WEIGHTS))
     normalize_scalars(program)
     return program
