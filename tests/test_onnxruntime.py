@@ -26,8 +26,9 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 
 @pytest.fixture(scope="module")
 def model() -> Any:
-    # TINY_HF (window 4, 2 layers, 4/2 heads, vocab 96) with head_dim 16: GQA's rotary kernel needs 16 | D.
-    return hf_model(seed=3, head_dim=16)
+    # TINY_HF (window 4, 4/2 heads, vocab 96) with head_dim 16 (GQA's rotary kernel needs 16 | D) and 3
+    # layers, so every build here copies a translated layer (targets/onnxruntime/replicate.py).
+    return hf_model(seed=3, head_dim=16, num_hidden_layers=3)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_quantized_graph_equals_its_dequantized_weights(model: Any, checkpoint: 
     weights = _dequantized(artifact, bits)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     assert set(weights) < set(state)
-    dequantized = hf_model(seed=3, head_dim=16)
+    dequantized = hf_model(seed=3, head_dim=16, num_hidden_layers=3)
     dequantized.load_state_dict({**state, **weights})
     exact = _parity(model, artifact, "fp32", reference=canonical_runner(dequantized))
     assert exact.worst()["max_abs"] <= 1e-4
@@ -133,7 +134,9 @@ def test_quantized_graph_equals_its_dequantized_weights(model: Any, checkpoint: 
     assert vs_fp32.worst()["kl"] <= gates["kl"] and vs_fp32.worst()["cosine"] >= gates["cosine"]
 
 
-def test_lowering_leaves_the_traced_program_unchanged(model: Any, checkpoint: Path, tmp_path: Path) -> None:
+def test_lowering_leaves_the_traced_program_unchanged(model: Any, checkpoint: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import targets.onnxruntime.lower as lower
     from exporter.checkpoint import CheckpointFolder
     from exporter.config import config_from_dict
     from exporter.trace import TraceSpec, traced
@@ -142,10 +145,18 @@ def test_lowering_leaves_the_traced_program_unchanged(model: Any, checkpoint: Pa
 
     cfg = config_from_dict(model.config.to_dict())
     trace = traced(TraceSpec(cfg, cfg.sliding_window, torch.float32), use_cache=False)
-    program = trace.program
-    code, weights = program.graph_module.code, dict(program.state_dict)
+    real, seen = lower.template, []
+
+    def template(inp: LowerInput) -> Any:  # the program lowering translates, as it was handed over
+        source = real(inp)
+        seen.append((source.program, source.program.graph_module.code, dict(source.program.state_dict)))
+        return source
+
+    monkeypatch.setattr(lower, "template", template)
     OnnxRuntimeTarget().lower(LowerInput(trace, cfg, cfg.sliding_window, "int4", CheckpointFolder(checkpoint),
                                          "cpu", OnnxRuntimeOptions()), tmp_path)
+    (program, code, weights), = seen
+    assert len(program.state_dict) < len(trace.program.state_dict)  # the 2-layer template of 3 layers
     assert program.graph_module.code == code
     assert all(program.state_dict[k] is v and 0 in v.stride() for k, v in weights.items() if v.dim() > 1)
 

@@ -24,6 +24,7 @@ from torch.export import ExportedProgram
 
 from exporter.attention import CACHED_ATTENTION_OP, decompose
 from exporter.config import MistralConfig
+from targets.onnxruntime.replicate import replicate
 from targets.onnxruntime.translate import gqa_translation
 
 STACK_TRACE = "pkg.torch.onnx.stack_trace"
@@ -53,7 +54,8 @@ def to_onnx(program: ExportedProgram, cfg: MistralConfig, capacity: int, attenti
     Attention op and scatters ("onnx-attention"). Weights become graph inputs tagged WEIGHT_META.
     fuse_norms folds RMSNorm into ONNX Runtime's (Skip)SimplifiedLayerNormalization, which other
     consumers of the ONNX (TensorRT's parser) do not take. Call it inside quiet(): the libraries log
-    every step."""
+    every step. A program of fewer layers than cfg is a template (replicate.py): its second layer is
+    copied up to cfg's layer count."""
     weights = list(program.state_dict)
     table = {}
     if attention == "gqa":
@@ -72,6 +74,11 @@ def to_onnx(program: ExportedProgram, cfg: MistralConfig, capacity: int, attenti
         value.meta[WEIGHT_META] = (name,)
         model.graph.inputs.append(value)
     onnxscript.optimizer.optimize(model)
+    if (len(model.graph.inputs) - len(weights) - 2) // 2 < cfg.num_hidden_layers:  # ids, positions, k/v caches
+        # After the optimizer (it costs as much per layer as the translation): copies of an optimized
+        # layer are what optimizing the copies would give, as nothing in a layer depends on its index.
+        for new in replicate(model.graph, cfg.num_hidden_layers, weight_inputs(model)):
+            new.meta[WEIGHT_META] = (new.name,)
     if fuse_norms:
         fuse_rms_normalization(model)
         fuse_skip_rms_normalization(model)

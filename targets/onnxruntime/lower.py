@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from exporter.checkpoint import DTYPES
 from exporter.contract import CacheContract, TensorSpec
 from exporter.errors import UserError
 from exporter.model import parameter_shapes
-from exporter.trace import trace_dtype
+from exporter.trace import TracedProgram, trace_dtype, traced
 from targets.base import LowerInput, Lowered
 from targets.onnxruntime import kernels
 from targets.onnxruntime.export import quiet, save, to_onnx
@@ -27,8 +29,11 @@ from targets.onnxruntime.passes.rotary import fuse_rotary
 from targets.onnxruntime.passes.upcast import compute_in_fp32
 from targets.onnxruntime.passes.weights import bind_weights
 from targets.onnxruntime.quantize import BITS, QuantSpec
+from targets.onnxruntime.replicate import TEMPLATE_LAYERS, ReplicationError
 from targets.onnxruntime.target import DATA_FILE, MODEL_FILE, OnnxRuntimeOptions
 
+
+log = logging.getLogger("mistral_export")
 
 _DTYPE_NAMES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16",
                 ir.DataType.INT64: "int64", ir.DataType.INT32: "int32"}
@@ -95,16 +100,33 @@ def cache_contract(inp: LowerInput, dtype: str, attention: str) -> CacheContract
                          head_dim=cfg.head_dim, residence=residence)
 
 
-def _graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) -> tuple[ir.Model, dict[str, Any]]:
-    """The ONNX model with its passes applied, and what the manifest records about them."""
+def template(inp: LowerInput) -> TracedProgram:
+    """The program torch.onnx translates: the model's first TEMPLATE_LAYERS layers, whose second layer
+    replicate.py copies for the rest (the whole program when it has no more layers than that)."""
+    spec = inp.trace.spec
+    if spec.layers is not None or spec.config.num_hidden_layers <= TEMPLATE_LAYERS:
+        return inp.trace
+    # Through the trace cache like the whole program (on or off with it: exporter.trace_cache.caching).
+    return traced(dataclasses.replace(spec, config=dataclasses.replace(spec.config, num_hidden_layers=TEMPLATE_LAYERS)))
+
+
+def _graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str,
+           source: TracedProgram) -> tuple[ir.Model, dict[str, Any]]:
+    """The ONNX model translated from source (the whole program or its template) with the passes
+    applied, and what the manifest records about them."""
     cfg = inp.config
     dtype = torch.float32 if _upcast(inp) else DTYPES[trace_dtype(inp.precision)]  # of the rotary tables
     inp.progress("onnx: translating the program", 0.0)
     # The traced program itself, not inp.program(): a deepcopy materializes its zero-stride weight
     # placeholders (measured: +2.1 GB for a 0.5B model). Nothing here mutates it: torch.onnx.export
     # and decompose() build new programs (tests/test_onnxruntime.py checks that it is unchanged).
-    model = to_onnx(inp.traced, cfg, inp.capacity, attention)
-    extra: dict[str, Any] = {}
+    try:
+        model = to_onnx(source.program, cfg, inp.capacity, attention)
+    except ReplicationError as exc:  # a torch.onnx whose graph is not laid out as replicate.py reads it
+        log.warning("translating all %d layers: %s", cfg.num_hidden_layers, exc)
+        source = inp.trace
+        model = to_onnx(source.program, cfg, inp.capacity, attention)
+    extra: dict[str, Any] = {"translated_layers": source.spec.layer_count}
     if attention == kernels.GQA:
         genai_io(model, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size)
         extra["cache_buffer_rows"] = buffer_rows(inp.capacity, options.cache_slack)
@@ -129,9 +151,10 @@ def _graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) -> tupl
 
 def _cached_graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) -> tuple[ir.Model, dict[str, Any]]:
     """_graph through the lowered-graph cache (graph_cache.py); adapters' graphs are not cached."""
+    source = template(inp)
     cache = None if inp.adapters else GraphCache.open()
     if cache is None:
-        model, extra = _graph(inp, options, attention)
+        model, extra = _graph(inp, options, attention, source)
         return model, {**extra, "graph_cache": "off"}
     # Everything _graph reads: the program (by content, so a program that is not its trace spec's
     # can never be answered with that spec's graph), the config and capacity, and these settings.
@@ -139,13 +162,13 @@ def _cached_graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) 
                 "upcast": _upcast(inp), "fuse_rotary": options.fuse_rotary, "pack_qkv": options.pack_qkv,
                 "cache_slack": options.cache_slack}
     # A hit never deserializes the program: the digest comes from its trace-cache bytes.
-    hit = cache.load(graph_spec(inp.trace.digest, settings), parameter_shapes(inp.config))
+    hit = cache.load(graph_spec(source.digest, settings), parameter_shapes(inp.config))
     if hit is not None:
         inp.progress("onnx: lowered graph from the cache", 0.0)
         return hit[0], {**hit[1], "graph_cache": "hit"}
-    model, extra = _graph(inp, options, attention)
+    model, extra = _graph(inp, options, attention, source)
     # Again after _graph: a trace-cache entry that failed its check when loaded was traced afresh.
-    cache.store(graph_spec(inp.trace.digest, settings), model, extra)
+    cache.store(graph_spec(source.digest, settings), model, extra)
     return model, {**extra, "graph_cache": "miss"}
 
 
