@@ -147,8 +147,8 @@ def test_lowering_leaves_the_traced_program_unchanged(model: Any, checkpoint: Pa
     trace = traced(TraceSpec(cfg, cfg.sliding_window, torch.float32), use_cache=False)
     real, seen = lower.template, []
 
-    def template(inp: LowerInput) -> Any:  # the program lowering translates, as it was handed over
-        source = real(inp)
+    def template(inp: LowerInput, attention: str) -> Any:  # the program lowering translates, as handed over
+        source = real(inp, attention)
         seen.append((source.program, source.program.graph_module.code, dict(source.program.state_dict)))
         return source
 

@@ -43,7 +43,7 @@ def artifacts(model: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     for kind in ("replicated", "translated"):
         with pytest.MonkeyPatch.context() as mp:
             if kind == "translated":
-                mp.setattr(lower, "template", lambda inp: inp.trace)
+                mp.setattr(lower, "template", lambda inp, attention: inp.trace)
             out[kind] = base / kind
             build(BuildRequest(target="onnxruntime", checkpoint=checkpoint, precision="int4", out=out[kind]))
     return out

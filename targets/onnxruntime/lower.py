@@ -100,11 +100,12 @@ def cache_contract(inp: LowerInput, dtype: str, attention: str) -> CacheContract
                          head_dim=cfg.head_dim, residence=residence)
 
 
-def template(inp: LowerInput) -> TracedProgram:
+def template(inp: LowerInput, attention: str) -> TracedProgram:
     """The program torch.onnx translates: the model's first TEMPLATE_LAYERS layers, whose second layer
-    replicate.py copies for the rest (the whole program when it has no more layers than that)."""
+    replicate.py copies for the rest; the whole program when it has no more layers than that, or for
+    the fallback form, whose decomposed attention shares activations (its masks) between layers."""
     spec = inp.trace.spec
-    if spec.layers is not None or spec.config.num_hidden_layers <= TEMPLATE_LAYERS:
+    if attention != kernels.GQA or spec.layers is not None or spec.config.num_hidden_layers <= TEMPLATE_LAYERS:
         return inp.trace
     # Through the trace cache like the whole program (on or off with it: exporter.trace_cache.caching).
     return traced(dataclasses.replace(spec, config=dataclasses.replace(spec.config, num_hidden_layers=TEMPLATE_LAYERS)))
@@ -151,7 +152,7 @@ def _graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str,
 
 def _cached_graph(inp: LowerInput, options: OnnxRuntimeOptions, attention: str) -> tuple[ir.Model, dict[str, Any]]:
     """_graph through the lowered-graph cache (graph_cache.py); adapters' graphs are not cached."""
-    source = template(inp)
+    source = template(inp, attention)
     cache = None if inp.adapters else GraphCache.open()
     if cache is None:
         model, extra = _graph(inp, options, attention, source)
