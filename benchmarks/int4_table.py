@@ -44,6 +44,10 @@ ORT_OURS = {
     "b128 asym": ("block_size=128", "symmetric=false"),
     "b32 sym, lm_head float": ("block_size=32", "quantize_lm_head=false"),
     "b128 sym, lm_head float": ("block_size=128", "quantize_lm_head=false"),
+    "b32 sym, lm_head int8": ("block_size=32", "lm_head_bits=8"),
+    "b64 sym, lm_head int8": ("block_size=64", "lm_head_bits=8"),
+    "b128 sym, lm_head int8": ("block_size=128", "lm_head_bits=8"),
+    "b128 asym, lm_head int8": ("block_size=128", "symmetric=false", "lm_head_bits=8"),
 }
 # The builder's own int4 (--extra_options): its default (RTN, block 32), block 128, and ORT's k_quant.
 ORT_PEERS = {"builder default": (), "builder b128": ("block_size=128",), "builder k_quant": ("int4_algo_config=k_quant",)}

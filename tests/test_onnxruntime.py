@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pipeline.build import BuildRequest, build
+from exporter.checkpoint import CheckpointFolder
 from exporter.errors import ArtifactError, UserError
 from targets import registry
 from validation.gates import gates_for
@@ -191,11 +192,26 @@ def test_unsupported_pairs_fail_before_work(checkpoint: Path, tmp_path: Path) ->
         build(BuildRequest(target="onnxruntime", checkpoint=checkpoint, device="tpu", out=tmp_path / "tpu"))
     with pytest.raises(UserError, match="block_size=24 must be a power of two"):
         _build(checkpoint, tmp_path / "block", "int4", block_size=24)
+    with pytest.raises(UserError, match="lm_head_bits=2 must be 0"):
+        _build(checkpoint, tmp_path / "head", "int4", lm_head_bits=2)
     from targets.onnxruntime.kernels import choose
 
     with pytest.raises(UserError, match="GroupQueryAttention has no cuda kernel for fp32"):
         choose("cuda", "fp32", "gqa")
-    assert not (tmp_path / "bf16").exists() and not (tmp_path / "block").exists()
+    assert not any((tmp_path / name).exists() for name in ("bf16", "block", "head"))
+
+
+def test_lm_head_int8_under_int4_reads_back_and_keeps_its_gates(model: Any, checkpoint: Path, reference: Any,
+                                                                 tmp_path: Path) -> None:
+    artifact = _build(checkpoint, tmp_path / "head8", "int4", lm_head_bits=8)
+    graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
+    bits = {n.input[1]: onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
+            for n in graph.node if n.op_type == "MatMulNBits"}
+    assert bits.pop("lm_head.MatMul.weight_B") == 8 and set(bits.values()) == {4}
+    manifest, _ = registry.load_runner(artifact)
+    source = CheckpointFolder(checkpoint)
+    assert not registry.get("onnxruntime").readback(artifact, manifest, source).mismatches
+    assert _parity(model, artifact, "int4", reference).passed
 
 
 def test_runner_refuses_positions_that_skip_tokens(fp32_artifact: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,17 @@ def quant_spec(precision: str, options: OnnxRuntimeOptions) -> QuantSpec | None:
     if options.accuracy_level not in range(5):
         raise UserError(f"option accuracy_level={options.accuracy_level} must be 0..4 (MatMulNBits)")
     return QuantSpec(BITS[precision], block, options.symmetric, options.accuracy_level)
+
+
+def lm_head_spec(quant: QuantSpec | None, options: OnnxRuntimeOptions) -> Callable[[tuple[str, ...]], QuantSpec | None]:
+    """Each MatMul weight's quantization: quant, but lm_head float (quantize_lm_head=false) or at
+    lm_head_bits (8 under int4: the largest single MatMul, the one whose error reaches the logits
+    unmixed, at twice the bytes; optimum-intel's int4 default keeps it int8 too)."""
+    if options.lm_head_bits not in (0, 4, 8):
+        raise UserError(f"option lm_head_bits={options.lm_head_bits} must be 0 (the precision's), 4 or 8")
+    head = None if quant is None or not options.quantize_lm_head else \
+        dataclasses.replace(quant, bits=options.lm_head_bits or quant.bits)
+    return lambda names: head if names == ("lm_head.weight",) else quant
 
 
 def buffer_rows(capacity: int, slack: int) -> int:
@@ -177,10 +189,10 @@ def lower_to_files(inp: LowerInput, out_dir: Path) -> Lowered:
     options: OnnxRuntimeOptions = inp.options
     chosen = kernels.choose(inp.device, inp.precision, options.attention)
     quant = quant_spec(inp.precision, options)
+    spec_for = lm_head_spec(quant, options)  # checks the option before any work
     with quiet():
         model, extra = _cached_graph(inp, options, chosen.attention)
-        keep_float = (lambda names: names == ("lm_head.weight",)) if not options.quantize_lm_head else (lambda names: False)
-        extra["weight_map"] = bind_weights(model, inp.weight, quant, keep_float)
+        extra["weight_map"] = bind_weights(model, inp.weight, quant, spec_for)
         if _upcast(inp):
             compute_in_fp32(model)
     save(model, out_dir / MODEL_FILE, DATA_FILE, inp.progress, "onnx")

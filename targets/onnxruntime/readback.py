@@ -98,10 +98,11 @@ def readback(artifact: Path, manifest: dict[str, Any], source: WeightSource) -> 
             parts = [stored.get(name) for name in node["inputs"][1:4]]
             values = dequantize(parts[0], parts[1], parts[2] if len(node["inputs"]) > 3 else None,
                                 node["bits"], node["N"], node["K"], node["block_size"])
-            again = _requantize(expected, quant)
-            same = (node["bits"], node["block_size"]) == (quant["bits"], quant["block_size"]) and all(
+            spec = entry.get("quantization", quant)  # a weight quantized unlike the rest (lm_head_bits)
+            again = _requantize(expected, spec)
+            same = (node["bits"], node["block_size"]) == (spec["bits"], spec["block_size"]) and all(
                 a is not None and np.array_equal(a.reshape(-1), b.reshape(-1))
-                for a, b in zip(parts, again if not quant["symmetric"] else again[:2]))
+                for a, b in zip(parts, again if not spec["symmetric"] else again[:2]))
             if not same:
                 mismatches.append(f"{key}: its MatMulNBits blocks differ from {', '.join(names)} quantized again")
         else:

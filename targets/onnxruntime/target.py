@@ -34,6 +34,7 @@ class OnnxRuntimeOptions:
     symmetric: bool = True  # int4/int8: symmetric blocks (no zero points)
     accuracy_level: int = 4  # int4/int8: MatMulNBits accuracy_level (4: int8 activations, CPU VNNI)
     quantize_lm_head: bool = True  # int4/int8: lm_head as MatMulNBits too (the embedding stays float)
+    lm_head_bits: int = 0  # int4/int8: lm_head's MatMulNBits bits (0: the precision's; 8 under int4)
     fuse_rotary: bool = True  # GQA: RoPE inside GQA when head_dim % 16 == 0 (tables bound positions by
     #                           max_position_embeddings); else RoPE stays in the graph
     pack_qkv: bool = True  # GQA: one MatMul for q/k/v, fed to GQA as a packed query

@@ -56,13 +56,14 @@ def _linear_users(value: ir.Value) -> list[ir.Node] | None:
 
 
 def bind_weights(model: ir.Model, lookup: Lookup, quant: QuantSpec | None = None,
-                 keep_float: Callable[[tuple[str, ...]], bool] = lambda names: False) -> dict[str, dict]:
-    """Turn every weight input into lazily produced initializers (quantizing MatMul weights with
-    quant, except those keep_float selects). Returns the weight map the manifest records, so the
-    artifact's weights can be read back by canonical name: initializer (or MatMulNBits prefix) ->
-    {"names": canonical names stacked along rows, "layout": as-is | transposed | matmulnbits}."""
+                 spec_for: Callable[[tuple[str, ...]], QuantSpec | None] | None = None) -> dict[str, dict]:
+    """Turn every weight input into lazily produced initializers, quantizing MatMul weights with
+    spec_for(names) when given (None keeps a weight float), else with quant. Returns the weight map the
+    manifest records, so the artifact's weights can be read back by canonical name: initializer (or
+    MatMulNBits prefix) -> {"names": canonical names stacked along rows, "layout": as-is | transposed |
+    matmulnbits, and "quantization" where a weight's spec is not quant}."""
     g = model.graph
-    quantizer = BlockQuantizer(quant) if quant else None
+    quantizers: dict[QuantSpec, BlockQuantizer] = {}
     weight_map: dict[str, dict] = {}
     for value in weight_inputs(model):
         names: tuple[str, ...] = value.meta[WEIGHT_META]
@@ -77,15 +78,20 @@ def bind_weights(model: ir.Model, lookup: Lookup, quant: QuantSpec | None = None
             weight_map[value.name or names[0]] = {"names": list(names), "layout": "as-is"}
             continue
         name = stored_name(names, "MatMul.weight")
-        if quantizer is None or keep_float(names):
+        spec = spec_for(names) if spec_for is not None else quant
+        if spec is None:
             w_t = _register(g, _lazy(name, value.dtype, shape[::-1],  # type: ignore[arg-type]
                                      lambda load=load: TorchTensor(load().t().contiguous())))
             for t in transposes:
                 t.outputs[0].replace_all_uses_with(w_t)
             weight_map[name] = {"names": list(names), "layout": "transposed"}
         else:
-            _quantized_matmuls(g, transposes, names, load, shape, quantizer, quant)  # type: ignore[arg-type]
-            weight_map[name] = {"names": list(names), "layout": "matmulnbits"}
+            if spec not in quantizers:
+                quantizers[spec] = BlockQuantizer(spec)
+            quantizer = quantizers[spec]
+            _quantized_matmuls(g, transposes, names, load, shape, quantizer, spec)  # type: ignore[arg-type]
+            weight_map[name] = {"names": list(names), "layout": "matmulnbits",
+                                **({} if spec == quant else {"quantization": spec.__dict__})}
         g.remove(transposes, safe=True)
     return weight_map
 
