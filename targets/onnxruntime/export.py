@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,8 +30,7 @@ from targets.onnxruntime.translate import gqa_translation
 STACK_TRACE = "pkg.torch.onnx.stack_trace"
 
 OPSET = 23  # the lowest opset with the standard Attention op (the fallback); ORT 1.32 loads 23-28
-WEIGHT_META = "mistral_export.weight"
-WRITERS = min(2, os.cpu_count() or 1)  # weights converted and written at once (save)  # Value.meta key: the canonical weight names a value is made of
+WEIGHT_META = "mistral_export.weight"  # Value.meta key: the canonical weight names a value is made of
 
 
 @contextlib.contextmanager
@@ -93,22 +91,15 @@ def to_onnx(program: ExportedProgram, cfg: MistralConfig, capacity: int, attenti
 
 
 def save(model: ir.Model, path: Path, data_file: str, progress: Callable[[str, float], None], label: str) -> None:
-    """Write the model with its lazily bound weights streamed into data_file, one tensor at a time on
-    each of WRITERS threads: a weight is read, converted or quantized (torch and ONNX Runtime's
-    quantizer release the GIL) while another is written. onnx_ir bounds the bytes in flight, here by
-    the largest weight, so the peak is what writing that one weight alone takes; the bytes written are
-    the serial writer's."""
+    """Write the model with its lazily bound weights streamed into data_file, one tensor at a time."""
     model.producer_name = "mistral-export"
     total = len(model.graph.initializers)
     done = iter(range(1, total + 1))
-    largest = max((v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None),
-                  default=1)
 
     def written(tensor: ir.TensorProtocol, _: object) -> None:
         progress(f"{label}: writing {tensor.name}", next(done) / total)
 
-    ir.save(model, path, external_data=data_file, callback=written, max_workers=WRITERS,
-            max_in_flight_bytes=largest)
+    ir.save(model, path, external_data=data_file, callback=written)
 
 
 def weight_inputs(model: ir.Model) -> list[ir.Value]:

@@ -8,9 +8,7 @@ initializer instead, so only one fp32 weight is in memory at a time while the fi
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,36 +39,21 @@ class QuantSpec:
 
 
 class BlockQuantizer:
-    """Quantizes one weight at a time per writer thread (export.save writes on several): the first part
-    asked for of a weight quantizes it, and its other parts wait for that and are kept only until they
-    are written, so each weight is loaded and quantized once."""
+    """Quantizes one weight at a time, keeping only the last result (its three parts are written
+    one after another, so each weight is loaded and quantized once)."""
 
     def __init__(self, spec: QuantSpec) -> None:
         config = DefaultWeightOnlyQuantConfig(block_size=spec.block_size, is_symmetric=spec.symmetric,
                                               accuracy_level=spec.accuracy_level or None, bits=spec.bits)
         self._quantizer = DefaultWeightOnlyQuantizer(config)
-        self._parts = 3 if not spec.symmetric else 2  # B, scales (and zero_points): one request each
-        self._lock = threading.Lock()
-        self._pending: dict[str, tuple[Future[dict[str, np.ndarray]], set[str]]] = {}
+        self._key: str | None = None
+        self._parts: dict[str, np.ndarray] = {}
 
     def part(self, key: str, part: str, load: Callable[[], torch.Tensor]) -> np.ndarray:
         """Part B, scales or zero_points of the weight `key`; load() gives it as [N, K] float."""
-        with self._lock:
-            first = key not in self._pending
-            if first:
-                self._pending[key] = (Future(), set())
-            future, served = self._pending[key]
-            served.add(part)
-            if len(served) == self._parts:
-                del self._pending[key]  # the last part: nothing keeps the weight's parts after this
-        if first:
-            try:
-                future.set_result(self._quantize(load))
-            except BaseException as exc:
-                future.set_exception(exc)
-        return future.result()[part]
-
-    def _quantize(self, load: Callable[[], torch.Tensor]) -> dict[str, np.ndarray]:
-        weight = load().float().numpy()  # [N, K]; the quantizer takes the MatMul layout [K, N]
-        packed, scales, zero_points = self._quantizer.qbits_block_quant(np.ascontiguousarray(weight.T))
-        return {"B": packed, "scales": scales, "zero_points": zero_points}
+        if self._key != key:
+            self._parts = {}  # release the previous weight before loading the next
+            weight = load().float().numpy()  # [N, K]; the quantizer takes the MatMul layout [K, N]
+            packed, scales, zero_points = self._quantizer.qbits_block_quant(np.ascontiguousarray(weight.T))
+            self._key, self._parts = key, {"B": packed, "scales": scales, "zero_points": zero_points}
+        return self._parts[part]
