@@ -275,9 +275,6 @@ class AdaptedWeights(WeightSource):
     def file_records(self) -> list[FileRecord]:
         return self.base.file_records()
 
-    def hash_in_background(self) -> None:
-        self.base.hash_in_background()
-
     def write_tokenizer(self, dest: Path) -> dict[str, Any] | None:
         return self.base.write_tokenizer(dest)
 

@@ -11,10 +11,8 @@ import hashlib
 import json
 import logging
 import shutil
-import threading
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,9 +146,6 @@ class WeightSource:
     def file_records(self) -> list[FileRecord]:
         return []
 
-    def hash_in_background(self) -> None:
-        """Start computing file_records() on another thread, where a source has files to hash."""
-
     def write_tokenizer(self, dest: Path) -> dict[str, Any] | None:
         """The source's tokenizer files into dest (created), and what they are; None when it has none."""
         if self.tokenizer_dir is None:
@@ -255,7 +250,6 @@ class CheckpointFolder(WeightSource):
         has_tokenizer = any((self.folder / f).is_file() for f in TOKENIZER_FILES[:2])
         self.tokenizer_dir = self.folder if has_tokenizer else None
         self._records: list[FileRecord] | None = None
-        self._hashing: Future[list[FileRecord]] | None = None
 
     def _config(self) -> MistralConfig:
         return load_config(self.folder)
@@ -376,27 +370,8 @@ class CheckpointFolder(WeightSource):
 
     def file_records(self) -> list[FileRecord]:
         if self._records is None:
-            self._records = self._hashing.result() if self._hashing is not None else self._hash_files()
+            files = sorted({p for p in self._where.values()}
+                           | {p for p in self.folder.iterdir() if p.name in self.described_by
+                              or p.name in TOKENIZER_FILES})
+            self._records = [FileRecord(p.name, p.stat().st_size, sha256_file(p)) for p in files]
         return self._records
-
-    def hash_in_background(self) -> None:
-        """The manifest needs the hashes only once the artifact is written, and a build translates on one
-        core meanwhile: hashing on a thread of its own (hashlib releases the GIL on large blocks) takes
-        it off the wall time. A daemon thread, so a failed build exits without waiting for it."""
-        if self._records is not None or self._hashing is not None:
-            return
-        future: Future[list[FileRecord]] = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(self._hash_files())
-            except BaseException as exc:  # an unreadable file fails where the records are asked for
-                future.set_exception(exc)
-
-        self._hashing = future
-        threading.Thread(target=run, name="checkpoint-hash", daemon=True).start()
-
-    def _hash_files(self) -> list[FileRecord]:
-        files = sorted({p for p in self._where.values()}
-                       | {p for p in self.folder.iterdir() if p.name in self.described_by or p.name in TOKENIZER_FILES})
-        return [FileRecord(p.name, p.stat().st_size, sha256_file(p)) for p in files]

@@ -118,7 +118,6 @@ def _build(req: BuildRequest, progress: Progress, validator: Validator | None, s
            traces: dict[str, TracedProgram] | None) -> BuildResult:
     target, options, req = resolve_target(req)
     source = source or open_source(req.checkpoint, req.preset, req.adapter)
-    source.hash_in_background()  # for the manifest, while the target works
     capacity = capacity_for(source.config, req.max_context)
     out = req.out or ARTIFACTS_ROOT / default_name(source, target.name, req.precision)
     adapter = source.adapter
