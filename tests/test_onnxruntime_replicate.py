@@ -105,3 +105,21 @@ def test_a_graph_that_is_not_a_two_layer_template_is_refused() -> None:
     norm.replace_input_with(1, layer_1.outputs[0])  # the final norm reads a second value of layer 1
     with pytest.raises(ReplicationError, match="one value out of layer 1"):
         replicate(model.graph, 4, [])
+
+
+def test_switchable_adapters_on_copied_layers_validate(model: Any, tmp_path: Path) -> None:
+    """LoRA inputs are added after the copy (passes/lora.py): every layer's, copies included, must
+    carry its adapter. The build validates each adapter against the reference with it merged."""
+    pytest.importorskip("peft", reason="peft is not installed (test extra)")
+    from tests.test_lora import make_adapter
+
+    from .conftest import cli_build
+
+    base = save_checkpoint(model, tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "a", seed=7)
+    result = cli_build("onnxruntime", tmp_path / "out", "--checkpoint", str(base), "--adapters", f"a={adapter}")
+    assert result.exit_code == 0 and "validation: passed" in result.output, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert manifest["target"]["translated_layers"] == 2
+    assert report["parity"]["adapters"]["a"]["status"] == "passed"
