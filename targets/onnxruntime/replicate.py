@@ -26,7 +26,7 @@ _TEMPLATE = re.compile(r"(model[._]layers[._])1(?!\d)")  # layer 1 in scope name
 
 
 class ReplicationError(RuntimeError):
-    """The translated template is not two layers chained as expected; the graph is left unchanged."""
+    """The translated template is not two layers chained as expected; raised before the graph is changed."""
 
 
 def layer_of(node: ir.Node) -> int | None:
@@ -82,20 +82,27 @@ def replicate(graph: ir.Graph, layers: int, weights: list[ir.Value]) -> dict[ir.
             or any(u.node not in template for v in (k_out, v_out) for u in v.uses()):
         raise ReplicationError("layer 1's cache outputs are not its own")
     own = [v for v in weights if _TEMPLATE.search(v.name or "")]
+    if not own:
+        raise ReplicationError("layer 1 has no weight inputs")
+    nested = next((n for n in template if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                                              for a in n.attributes.values())), None)
+    if nested is not None:
+        raise ReplicationError(f"{nested.op_type} node {nested.name} in layer 1 has a subgraph")
     tail = [use for use in h_out.uses() if use.node not in set(template)]  # the final norm reads layer N-1
     anchor, previous, added = template[-1], h_out, {}
     last_k, last_v, last_weight = k_in, v_in, own[-1]
     for layer in range(TEMPLATE_LAYERS, layers):
         mapping: dict[ir.Value, ir.Value] = {h_in: previous}
         for old in (k_in, v_in):
-            mapping[old] = ir.Value(name=re.sub(r"\d+$", str(layer), old.name or ""), shape=old.shape,
-                                    type=old.type)
+            mapping[old] = ir.Value(name=re.sub(r"\d+$", str(layer), old.name or ""), type=old.type,
+                                    shape=old.shape.copy() if old.shape is not None else None)
         graph.inputs.insert(graph.inputs.index(last_k) + 1, mapping[k_in])
         graph.inputs.insert(graph.inputs.index(last_v) + 1, mapping[v_in])
         last_k, last_v = mapping[k_in], mapping[v_in]
         at = graph.inputs.index(last_weight) + 1
         for offset, old in enumerate(own):
-            new = ir.Value(name=_renamed(old.name or "", layer), shape=old.shape, type=old.type)
+            new = ir.Value(name=_renamed(old.name or "", layer), type=old.type,
+                           shape=old.shape.copy() if old.shape is not None else None)
             graph.inputs.insert(at + offset, new)
             mapping[old], added[new], last_weight = new, old, new
         for node in template:
@@ -114,8 +121,6 @@ def replicate(graph: ir.Graph, layers: int, weights: list[ir.Value]) -> dict[ir.
 def _copy(node: ir.Node, mapping: dict[ir.Value, ir.Value], layer: int) -> ir.Node:
     """node for `layer`: inputs through mapping (values from outside the layer are shared), outputs
     added to it, names suffixed with the layer."""
-    if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
-        raise ReplicationError(f"{node.op_type} node {node.name} has a subgraph")
     metadata = {k: _renamed(v, layer) for k, v in node.metadata_props.items() if k != FX_NODE}
     copy = ir.Node(node.domain, node.op_type, [None if v is None else mapping.get(v, v) for v in node.inputs],
                    list(node.attributes.values()), overload=node.overload, num_outputs=len(node.outputs),
