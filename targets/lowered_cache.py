@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,11 +26,34 @@ from typing import Any, TypeVar
 import torch
 
 from exporter import __version__
-from exporter.trace_cache import read_entry, runtime_cache, write_entry
+from exporter.trace_cache import UnsafeCache, read_entry, runtime_cache, write_entry
 
 MAX_SIDECAR_BYTES = 4 << 20
+_LENGTH = struct.Struct("<Q")  # each file's length, before its bytes (pack_files)
 log = logging.getLogger("mistral_export")
 T = TypeVar("T")
+
+
+def pack_files(files: Sequence[bytes]) -> bytes:
+    """Several files as one payload (a graph and its constants, a set of IRs), each after its length."""
+    return b"".join(_LENGTH.pack(len(data)) + data for data in files)
+
+
+def unpack_files(data: bytes, count: int) -> list[bytes]:
+    """The `count` files of a pack_files payload; UnsafeCache if it is cut short or runs on past them."""
+    files, at = [], 0
+    for _ in range(count):
+        if at + _LENGTH.size > len(data):
+            raise UnsafeCache("is truncated")
+        (size,) = _LENGTH.unpack_from(data, at)
+        at += _LENGTH.size
+        if size > len(data) - at:
+            raise UnsafeCache("is truncated")
+        files.append(data[at:at + size])
+        at += size
+    if at != len(data):
+        raise UnsafeCache("has trailing bytes")
+    return files
 
 
 def source_hash(package: Path) -> str:

@@ -77,6 +77,7 @@ def test_an_entry_with_other_weight_inputs_is_a_miss(tmp_path: Path, _cache: Pat
 
 
 def test_an_altered_or_cut_tokenizer_entry_is_a_miss(tmp_path: Path, _cache: Path) -> None:
+    from targets.lowered_cache import pack_files
     from targets.openvino import tokenizer as tokenizer_module
 
     assert not build(tmp_path / "first")
@@ -87,7 +88,7 @@ def test_an_altered_or_cut_tokenizer_entry_is_a_miss(tmp_path: Path, _cache: Pat
     warnings = build(tmp_path / "altered")
     assert len(warnings) == 1 and "sha256" in warnings[0], warnings
     assert digests(tmp_path / "altered") == digests(tmp_path / "first")
-    cut = tokenizer_module._pack(tokenizer_module._unpack(good)[:3])  # resealed, but a file short
+    cut = pack_files(tokenizer_module._unpack(good)[:3])  # resealed, but a file short
     entry.write_bytes(cut)
     meta: dict[str, Any] = json.loads(sidecar.read_text())
     meta["sha256"] = hashlib.sha256(cut).hexdigest()

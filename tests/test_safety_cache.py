@@ -212,3 +212,20 @@ def test_validation_catches_a_wrong_program_that_fooled_the_cache(tmp_path: Path
     assert result.exit_code == 3 and "validation: failed" in result.output
     report = json.loads((tmp_path / "art" / "report.json").read_text())
     assert report["parity"]["status"] == "failed"
+
+
+def test_a_packed_entry_is_read_only_as_the_files_it_frames() -> None:
+    """The lowered-graph caches' framing (a graph and its constants, tokenizer IRs): every length must
+    lie inside the payload and the payload must end with the last file."""
+    from targets.lowered_cache import pack_files, unpack_files
+
+    files = [b"<net/>", b"", b"\x00" * 9]
+    data = pack_files(files)
+    assert unpack_files(data, 3) == files
+    for bad, why in ((data[:-1], "is truncated"), (data[:5], "is truncated"), (data + b"x", "has trailing bytes"),
+                     (pack_files(files[:2]), "is truncated"), (data, "has trailing bytes")):
+        with pytest.raises(trace_cache.UnsafeCache, match=why):
+            unpack_files(bad, 3 if bad is not data else 2)
+    huge = (1 << 60).to_bytes(8, "little") + b"abc"  # a length far past the payload
+    with pytest.raises(trace_cache.UnsafeCache, match="is truncated"):
+        unpack_files(huge, 1)

@@ -10,19 +10,17 @@ program's parameters with their shapes. An IR is XML and raw constants: reading 
 
 from __future__ import annotations
 
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from exporter.trace_cache import UnsafeCache
-from targets.lowered_cache import LoweredCache, lowered_spec
+from targets.lowered_cache import LoweredCache, lowered_spec, pack_files, unpack_files
 from targets.openvino.weights import weight_parameters
 
 FORMAT = "mistral-export/openvino-graph-cache"
 MAX_IR_BYTES = 256 << 20  # the weight-free IR of a 7B-dims model is well under a megabyte
-_LENGTH = struct.Struct("<Q")  # the XML's length, before the XML and the .bin
 
 
 def graph_spec(program_digest: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -39,18 +37,15 @@ def _pack(model: Any) -> bytes:
         xml = Path(tmp) / "model.xml"
         ov.save_model(model, xml, compress_to_fp16=False)
         text, consts = xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
-    return _LENGTH.pack(len(text)) + text + consts
+    return pack_files([text, consts])
 
 
 def _unpack(data: bytes) -> Any:
     import numpy as np
     import openvino as ov
 
-    (size,) = _LENGTH.unpack_from(data)
-    if size > len(data) - _LENGTH.size:
-        raise UnsafeCache("is truncated")
-    text = data[_LENGTH.size:_LENGTH.size + size]
-    consts = np.frombuffer(data, dtype=np.uint8, offset=_LENGTH.size + size).copy()
+    text, consts = unpack_files(data, 2)
+    consts = np.frombuffer(consts, dtype=np.uint8).copy()
     return ov.Core().read_model(text.decode(), ov.Tensor(consts))
 
 

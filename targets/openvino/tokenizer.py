@@ -13,21 +13,18 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import struct
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from exporter.config import MistralConfig
-from exporter.trace_cache import UnsafeCache
-from targets.lowered_cache import LoweredCache, lowered_spec
+from targets.lowered_cache import LoweredCache, lowered_spec, pack_files, unpack_files
 
 TOKENIZER_XML = "openvino_tokenizer.xml"
 DETOKENIZER_XML = "openvino_detokenizer.xml"
 FILES = (TOKENIZER_XML, "openvino_tokenizer.bin", DETOKENIZER_XML, "openvino_detokenizer.bin")
 FORMAT = "mistral-export/openvino-tokenizer-cache"
 MAX_BYTES = 256 << 20  # a 130k-vocabulary (tekken) tokenizer's IRs are a few megabytes
-_LENGTH = struct.Struct("<Q")
 
 
 def write_tokenizer(tokenizer_dir: Path | None, out_dir: Path) -> dict[str, Any]:
@@ -41,15 +38,15 @@ def write_tokenizer(tokenizer_dir: Path | None, out_dir: Path) -> dict[str, Any]
     except ImportError as exc:
         return {"status": "skipped", "reason": f"openvino-tokenizers or transformers not installed ({exc.name})"}
     cache = LoweredCache.open("openvino-tokenizers", FORMAT, "irs", MAX_BYTES)
-    spec = _spec(tokenizer_dir)
-    hit = cache.load(spec, lambda meta, data: _unpack(data)) if cache is not None else None
-    if hit is None:
+    spec = _spec(tokenizer_dir) if cache is not None else None
+    files = cache.load(spec, lambda meta, data: _unpack(data)) if cache is not None else None
+    if files is None:
         with tempfile.TemporaryDirectory(prefix="mistral-export-tok-") as tmp:
             _convert(tokenizer_dir, Path(tmp))
-            hit = [(Path(tmp) / name).read_bytes() for name in FILES]
+            files = [(Path(tmp) / name).read_bytes() for name in FILES]
         if cache is not None:
-            cache.write(spec, _pack(hit), {})
-    for name, data in zip(FILES, hit):
+            cache.write(spec, pack_files(files), {})
+    for name, data in zip(FILES, files):
         (out_dir / name).write_bytes(data)
     return {"status": "converted", "files": [TOKENIZER_XML, DETOKENIZER_XML]}
 
@@ -75,24 +72,8 @@ def _spec(tokenizer_dir: Path) -> dict[str, Any]:
     return lowered_spec(digest.hexdigest(), {}, Path(__file__).parent, versions)
 
 
-def _pack(files: list[bytes]) -> bytes:
-    return b"".join(_LENGTH.pack(len(data)) + data for data in files)
-
-
 def _unpack(data: bytes) -> list[bytes]:
-    files, at = [], 0
-    for _ in FILES:
-        if at + _LENGTH.size > len(data):
-            raise UnsafeCache("is truncated")
-        (size,) = _LENGTH.unpack_from(data, at)
-        at += _LENGTH.size
-        if size > len(data) - at:
-            raise UnsafeCache("is truncated")
-        files.append(data[at:at + size])
-        at += size
-    if at != len(data):
-        raise UnsafeCache("has trailing bytes")
-    return files
+    return unpack_files(data, len(FILES))
 
 
 def write_genai_config(cfg: MistralConfig, out_dir: Path) -> None:
