@@ -25,11 +25,14 @@ from .conftest import canonical_runner, hf_model, save_checkpoint
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 
 
+# TINY_HF (window 4, 4/2 heads, vocab 96) with head_dim 16 (GQA's rotary kernel needs 16 | D) and 3
+# layers, so every build here copies a translated layer (targets/onnxruntime/replicate.py).
+MODEL = dict(seed=3, head_dim=16, num_hidden_layers=3)
+
+
 @pytest.fixture(scope="module")
 def model() -> Any:
-    # TINY_HF (window 4, 4/2 heads, vocab 96) with head_dim 16 (GQA's rotary kernel needs 16 | D) and 3
-    # layers, so every build here copies a translated layer (targets/onnxruntime/replicate.py).
-    return hf_model(seed=3, head_dim=16, num_hidden_layers=3)
+    return hf_model(**MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +129,7 @@ def test_quantized_graph_equals_its_dequantized_weights(model: Any, checkpoint: 
     weights = _dequantized(artifact, bits)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     assert set(weights) < set(state)
-    dequantized = hf_model(seed=3, head_dim=16, num_hidden_layers=3)
+    dequantized = hf_model(**MODEL)
     dequantized.load_state_dict({**state, **weights})
     exact = _parity(model, artifact, "fp32", reference=canonical_runner(dequantized))
     assert exact.worst()["max_abs"] <= 1e-4

@@ -7,9 +7,9 @@ layer's nodes are copied for layers 2..N-1, each copy fed by the one before. The
 translated: the exporter creates constants there that later layers share, and the value that flows
 from one layer into the next can only be seen between two layers.
 
-Runs on torch.onnx's raw output (before the optimizer), whose nodes carry their module scopes; the
-weights are still initializers under their canonical names, the IO is still torch.onnx's
-(input_ids, positions, k caches, v caches; logits, k out, v out).
+Runs on torch.onnx's output after the optimizer and before the fusions (export.to_onnx): its nodes
+still carry their module scopes, the weights are graph inputs under their canonical names, and the IO
+is still torch.onnx's (input_ids, positions, k caches, v caches; logits, k out, v out).
 """
 
 from __future__ import annotations
