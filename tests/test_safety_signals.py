@@ -96,11 +96,15 @@ def test_ctrl_c_at_any_moment_prints_one_line(eight_layers: Path, tmp_path: Path
 
 def test_concurrent_build_to_the_same_out_fails_clearly(eight_layers: Path, tmp_path: Path) -> None:
     out = tmp_path / "art"
-    # With validation, so the first holds the lock for many seconds after the second starts.
-    first = start(build_args(eight_layers, out)[:-1], tmp_path / "cache")
+    first = start(build_args(eight_layers, out), tmp_path / "cache")
     assert wait_for(lambda: (tmp_path / ".art.lock").exists(), first)
-    second = start(["build", "--target", "reference", "--out", str(out), "--no-validate"], tmp_path / "cache")
-    code, stderr = finish(second)
+    # Stopped while it holds the lock, so the second meets it however fast the first would finish.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = start(["build", "--target", "reference", "--out", str(out), "--no-validate"], tmp_path / "cache")
+        code, stderr = finish(second)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert code == 2 and f"being written by another mistral-export process (pid {first.pid})" in stderr
     first.send_signal(signal.SIGTERM)  # the first writer is untouched by the refusal, and cleans up after itself
     assert finish(first)[0] == 143 and not out.exists() and not staging_of(out)
