@@ -68,13 +68,12 @@ def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray |
 
 
 def _requantize(weight: np.ndarray, quant: dict[str, Any]) -> tuple[np.ndarray, ...]:
-    """onnxruntime's own encoding of a [N, K] weight (it takes the MatMul layout [K, N])."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                 DefaultWeightOnlyQuantizer)
+    """onnxruntime's own encoding of a [N, K] weight, through the build's quantizer."""
+    from targets.onnxruntime.quantize import BlockQuantizer, QuantSpec
 
-    config = DefaultWeightOnlyQuantConfig(block_size=quant["block_size"], is_symmetric=quant["symmetric"],
-                                          accuracy_level=quant["accuracy_level"] or None, bits=quant["bits"])
-    return DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(weight.T))
+    spec = QuantSpec(bits=quant["bits"], block_size=quant["block_size"], symmetric=quant["symmetric"],
+                     accuracy_level=quant["accuracy_level"])
+    return BlockQuantizer(spec).encode(torch.from_numpy(weight))
 
 
 def readback(artifact: Path, manifest: dict[str, Any], source: WeightSource) -> Readback:
