@@ -34,11 +34,16 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin [B, 1, T, D] for absolute positions (padding -1 is clamped; its output is unused)."""
+def rope_angles(positions: Tensor, head_dim: int, theta: float) -> Tensor:
+    """fp32 angles [B, T, D/2] for absolute positions (padding -1 is clamped; its output is unused)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device)
                                 / head_dim))
-    angles = positions.clamp(min=0).float().unsqueeze(-1) * inv_freq  # [B, T, D/2]
+    return positions.clamp(min=0).float().unsqueeze(-1) * inv_freq
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, 1, T, D] for absolute positions."""
+    angles = rope_angles(positions, head_dim, theta)  # [B, T, D/2]
     emb = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # [B, 1, T, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

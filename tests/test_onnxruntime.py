@@ -79,6 +79,30 @@ def test_fp32_parity_past_window_ragged_batch(model: Any, fp32_artifact: Path, r
     assert result.generation["reference_tokens"] == result.generation["target_tokens"]
 
 
+def test_rotary_tables_are_one_rounding_of_the_canonical_angles() -> None:
+    """GQA's cos/sin tables: the canonical fp32 angles' cos/sin rounded once from float64, so no thread
+    split or kernel choice enters (torch's threaded fp32 cos once gave a build rows off by 1.5e-4), and
+    within one ulp of the canonical model's own fp32 cos/sin."""
+    from exporter.config import preset
+    from exporter.model import rope_angles
+    from targets.onnxruntime.passes.rotary import cos_sin_tables
+
+    cfg = preset("tiny")
+    rows, half = 4096, cfg.head_dim // 2
+    cos, sin = cos_sin_tables(cfg, rows, torch.float32)
+    angles = rope_angles(torch.arange(rows)[None], cfg.head_dim, cfg.rope_theta)[0]
+    assert cos.shape == sin.shape == (rows, half) and cos.dtype == np.float32
+    np.testing.assert_array_equal(cos, np.cos(angles.double().numpy()).astype(np.float32))
+    np.testing.assert_array_equal(sin, np.sin(angles.double().numpy()).astype(np.float32))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        np.testing.assert_array_max_ulp(cos, angles.cos().numpy(), maxulp=1)
+        np.testing.assert_array_max_ulp(sin, angles.sin().numpy(), maxulp=1)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cpu_fp32_graph_is_gqa_without_softmax_attention(model: Any, fp32_artifact: Path) -> None:
     ops = _ops(fp32_artifact)
     layers = model.config.num_hidden_layers

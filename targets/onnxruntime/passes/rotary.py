@@ -4,7 +4,7 @@ The canonical graph rotates q and k in the rotate-half layout from cos/sin of th
 GQA receives them. This pass matches, for each GQA node, the rotation feeding its query and key,
 feeds GQA the unrotated projections instead, and lets GQA rotate at each valid token's position
 (P + s, which equals the token's position for right-padded chunks). The tables hold
-cos/sin(p * inv_freq) for p < rows, computed in fp32 as the canonical model does; the runner
+cos/sin(p * inv_freq) for p < rows, at the fp32 angles the canonical model uses; the runner
 refuses positions past the table (build with fuse_rotary=false for unbounded positions).
 """
 
@@ -15,7 +15,7 @@ import onnx_ir as ir
 import torch
 
 from exporter.config import MistralConfig
-from exporter.model import rope_tables
+from exporter.model import rope_angles
 from targets.onnxruntime.graph import attr, constant, gqa_nodes, initializer, producer
 from targets.onnxruntime.translate import COS_CACHE, SIN_CACHE
 
@@ -77,10 +77,12 @@ def _unrotated(value: ir.Value | None, half: int) -> ir.Value | None:
 
 
 def cos_sin_tables(cfg: MistralConfig, rows: int, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """[rows, D/2] tables from the canonical model's own rope_tables (same fp32 arithmetic)."""
-    cos, sin = rope_tables(torch.arange(rows).unsqueeze(0), cfg.head_dim, cfg.rope_theta, dtype)
-    half = cfg.head_dim // 2
-    return cos[0, 0, :, :half].numpy(), sin[0, 0, :, :half].numpy()
+    """[rows, D/2] tables at the canonical model's own fp32 angles, their cos/sin taken in float64 and
+    rounded once. torch's threaded fp32 cos gave one build in a few a different table (the second
+    thread's rows off by up to 1.5e-4, which validation failed); numpy's float64 is the same in every
+    process and within one ulp of a correct fp32 cos."""
+    angles = rope_angles(torch.arange(rows).unsqueeze(0), cfg.head_dim, cfg.rope_theta)[0].double().numpy()
+    return tuple(torch.from_numpy(f(angles)).float().to(dtype).numpy() for f in (np.cos, np.sin))  # type: ignore[return-value]
 
 
 def fuse_rotary(model: ir.Model, cfg: MistralConfig, rows: int, dtype: torch.dtype) -> int:
