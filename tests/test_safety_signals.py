@@ -62,6 +62,19 @@ def staging_of(out: Path) -> list[Path]:
     return [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
+def staging_seen(out: Path) -> bool:
+    """A build's staging folder exists: it is made after tracing, so lowering has seconds left."""
+    return any(".partial-" in p.name for p in staging_of(out))
+
+
+def holds_lock(out: Path, pid: int) -> bool:
+    """pid has written itself into out's lock file, which it does once it holds the lock."""
+    try:
+        return (out.parent / f".{out.name}.lock").read_text().strip() == str(pid)
+    except FileNotFoundError:
+        return False
+
+
 def finish(proc: subprocess.Popen) -> tuple[int, str]:
     _, stderr = proc.communicate(timeout=180)
     print(stderr)
@@ -72,7 +85,7 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
 def test_termination_signals_during_lowering_leave_nothing(eight_layers: Path, tmp_path: Path, sig: int) -> None:
     out = tmp_path / "art"
     proc = start(build_args(eight_layers, out), tmp_path / "cache")
-    assert wait_for(lambda: any(".partial-" in p.name for p in staging_of(out)), proc), "no staging folder seen"
+    assert wait_for(lambda: staging_seen(out), proc), "no staging folder seen"
     proc.send_signal(sig)
     code, stderr = finish(proc)
     lines = [line for line in stderr.splitlines() if line.strip()]
@@ -88,8 +101,8 @@ def test_ctrl_c_at_any_moment_prints_one_line(eight_layers: Path, tmp_path: Path
     proc = start(build_args(eight_layers, out, "--no-cache"), tmp_path / "cache")
     if moment == "imports":
         time.sleep(0.3)
-    else:  # the staging folder is made after tracing: lowering has seconds of work left
-        assert wait_for(lambda: any(".partial-" in p.name for p in staging_of(out)), proc), "no staging folder seen"
+    else:
+        assert wait_for(lambda: staging_seen(out), proc), "no staging folder seen"
     proc.send_signal(signal.SIGINT)
     code, stderr = finish(proc)
     lines = [line for line in stderr.splitlines() if line.strip()]
@@ -100,7 +113,7 @@ def test_ctrl_c_at_any_moment_prints_one_line(eight_layers: Path, tmp_path: Path
 def test_concurrent_build_to_the_same_out_fails_clearly(eight_layers: Path, tmp_path: Path) -> None:
     out = tmp_path / "art"
     first = start(build_args(eight_layers, out), tmp_path / "cache")
-    assert wait_for(lambda: (tmp_path / ".art.lock").exists(), first)
+    assert wait_for(lambda: holds_lock(out, first.pid), first)
     # Stopped while it holds the lock, so the second meets it however fast the first would finish.
     first.send_signal(signal.SIGSTOP)
     try:
@@ -116,7 +129,7 @@ def test_concurrent_build_to_the_same_out_fails_clearly(eight_layers: Path, tmp_
 def test_sigkill_leftovers_are_swept_by_the_next_build(eight_layers: Path, tmp_path: Path) -> None:
     out = tmp_path / "art"
     proc = start(build_args(eight_layers, out), tmp_path / "cache")
-    assert wait_for(lambda: any(".partial-" in p.name for p in staging_of(out)), proc)
+    assert wait_for(lambda: staging_seen(out), proc)
     proc.kill()
     proc.wait()
     stale = [p for p in staging_of(out) if ".partial-" in p.name]
